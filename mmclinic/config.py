@@ -1,0 +1,298 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML.
+
+An experiment file is the record of a run. Unknown keys fail loudly, values are
+type-checked (``--set a.b=v`` overrides too), and the resolved config has a
+stable hash that is logged with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from mmclinic.errors import ConfigError, UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How examples are read and preprocessed."""
+
+    image_size: int = 64
+    """Side of the square image the image tower sees, in pixels."""
+    max_length: int = 64
+    """Token sequence length, [CLS] and [SEP] included."""
+    text_policy: Literal["findings", "impression", "both", "longest"] = "both"
+    shuffle_buffer: int = 512
+    cache: bool = True
+    augment: bool = True
+    hflip: bool = False
+    """Horizontal flips swap left and right, which the reports name: off by default."""
+    deterministic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The dual-tower model."""
+
+    image_tower: Literal["small_cnn", "efficientnetb0", "resnet50", "densenet121"] = "small_cnn"
+    image_widths: tuple[int, ...] = (16, 32, 64)
+    image_weights: str | None = None
+    """A local Keras weights file for the image backbone; None trains from scratch."""
+    text_tower: Literal["small_bert"] = "small_bert"
+    vocab_size: int = 2000
+    text_layers: int = 2
+    text_hidden: int = 64
+    text_heads: int = 2
+    text_intermediate: int = 128
+    embed_dim: int = 64
+    init_temperature: float = 0.07
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping."""
+
+    steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    clip_norm: float = 1.0
+    loss: Literal["clip", "sigmoid"] = "clip"
+    match_weight: float = 0.5
+    """Weight of the match/mismatch objective next to the contrastive one."""
+    seed: int = 0
+    strategy: Literal["default", "mirrored"] = "default"
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    deterministic: bool = False
+    """Seeds plus TensorFlow op determinism: the same run gives the same weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How a model is scored."""
+
+    split: Literal["train", "val", "test"] = "test"
+    bootstrap_samples: int = 200
+    seed: int = 0
+    target_sensitivity: float = 0.95
+    """Operating point of the mismatch flag: the threshold is chosen on the validation split."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Vetting gates a run must pass before it may be exported."""
+
+    name: str = "mmclinic"
+    min_recall5_over_chance: float = 1.5
+    """Image-to-text R@5 must exceed this multiple of the chance level."""
+    min_mismatch_auroc: float = 0.55
+    max_reload_difference: float = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: everything that determines a run."""
+
+    name: str = "experiment"
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """A stable 16-hex-digit hash of the resolved configuration."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        (item,) = get_args(tp)[:1]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' must be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        allowed = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (allowed here: {allowed})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+_POSITIVE = {
+    "image_size", "max_length", "shuffle_buffer", "vocab_size", "text_layers", "text_hidden",
+    "text_heads", "text_intermediate", "embed_dim", "steps", "batch_size", "log_every",
+    "eval_every", "checkpoint_every", "bootstrap_samples",
+}
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        if f.name in _POSITIVE and value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    if isinstance(obj, DataConfig) and obj.image_size < 16:
+        raise ConfigError(f"config key '{prefix}.image_size' must be >= 16, got {obj.image_size}")
+    if isinstance(obj, DataConfig) and obj.max_length < 8:
+        raise ConfigError(f"config key '{prefix}.max_length' must be >= 8, got {obj.max_length}")
+    if isinstance(obj, ModelConfig) and obj.text_hidden % obj.text_heads:
+        raise ConfigError(
+            f"config key '{prefix}.text_hidden' ({obj.text_hidden}) must be divisible by "
+            f"'{prefix}.text_heads' ({obj.text_heads})"
+        )
+    if isinstance(obj, ModelConfig) and not 0 < obj.init_temperature < 1:
+        raise ConfigError(f"config key '{prefix}.init_temperature' must be in (0, 1)")
+    if isinstance(obj, TrainConfig) and obj.learning_rate <= 0:
+        raise ConfigError(f"config key '{prefix}.learning_rate' must be > 0")
+    if isinstance(obj, EvalConfig) and not 0 < obj.target_sensitivity < 1:
+        raise ConfigError(f"config key '{prefix}.target_sensitivity' must be in (0, 1)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Build a config from a plain mapping and ``key=value`` overrides."""
+    raw = json.loads(json.dumps(raw or {}))  # deep copy, plain types
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a section")
+        node[path[-1]] = value
+    return _build(ExperimentConfig, raw, "")
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML file, apply overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"experiment file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"experiment file {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"experiment file {path} must hold a mapping at the top level")
+    return config_from_dict(raw, overrides)
+
+
+def diff_configs(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+        elif x != y:
+            out.append(prefix)
+
+    walk(a.to_dict(), b.to_dict(), "")
+    return out
