@@ -1,0 +1,1 @@
+"""Reading, de-identifying, pairing, splitting and serving data to models."""

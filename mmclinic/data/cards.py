@@ -1,0 +1,113 @@
+"""Data cards (YAML front matter + text) and the dataset version hash."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_version(dataset: Path) -> str:
+    """A hash of the dataset's content: manifest, reports and images (by their sha256)."""
+    manifest = pd.read_parquet(dataset / "manifest.parquet")
+    reports = pd.read_parquet(dataset / "reports.parquet")
+    h = hashlib.sha256()
+    h.update(manifest.sort_values("image_id").to_csv(index=False).encode())
+    if len(reports):
+        h.update(reports.sort_values("report_id").to_csv(index=False).encode())
+    return h.hexdigest()[:16]
+
+
+def _dist(series: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in series.fillna("unknown").replace("", "unknown").value_counts().items()}
+
+
+def write_data_card(dataset: Path, *, name: str, source_format: str, n_inputs: int, n_report_rows: int,
+                    manifest: pd.DataFrame, reports: pd.DataFrame, quarantine: pd.DataFrame,
+                    audit: collections.Counter[str], options: dict[str, Any], version: str) -> Path:
+    by_split = {}
+    for split in ("train", "val", "test"):
+        rows = manifest[manifest["split"] == split]
+        by_split[split] = {"patients": int(rows["patient_key"].nunique()), "studies": int(rows["study_key"].nunique()),
+                           "images": int(len(rows)), "reports": int(rows["report_id"].nunique())}
+    front = {
+        "name": name,
+        "dataset_version": version,
+        "created": dt.date.today().isoformat(),
+        "source_format": source_format,
+        "counts": {
+            "input_files": n_inputs,
+            "report_rows": n_report_rows,
+            "images_accepted": int(len(manifest)),
+            "reports_accepted": int(len(reports)),
+            "quarantined": int(len(quarantine)),
+            "quarantined_by_reason": _dist(quarantine["reason_code"]) if len(quarantine) else {},
+        },
+        "splits": by_split,
+        "distributions": {k: _dist(manifest[k]) for k in ("modality", "view", "sex", "age_band", "manufacturer",
+                                                           "photometric")},
+        "deidentification": {
+            "identifiers": "keyed HMAC-SHA256 pseudonyms (patient, study, image, report)",
+            "dates": "not stored; a per-patient shift in [-365, -1] days is recorded",
+            "ages": "decade bands, 90 and over grouped",
+            "dicom_headers": "not copied: only modality, view, laterality, body part, manufacturer, "
+                             "photometric interpretation, pixel spacing, sex and age band are kept",
+            "report_text": "archive identities removed, then pattern rules (typed placeholders)",
+            "text_replacements_by_rule": {k: int(v) for k, v in sorted(audit.items()) if v},
+        },
+        "split_policy": {"unit": "patient", "method": "keyed hash of the patient pseudonym",
+                         "ratios": list(options["split_ratios"]),
+                         "duplicates": "patients sharing an identical image share a split"},
+        "options": {k: v for k, v in options.items() if k != "split_ratios"},
+        "manifest_sha256": file_sha256(dataset / "manifest.parquet"),
+    }
+    body = f"""
+# Data card: {name}
+
+Built by `mmclinic ingest` from a `{source_format}` source. {len(manifest)} images of
+{manifest['patient_key'].nunique()} patients were accepted; {len(quarantine)} inputs were quarantined
+(see `quarantine.csv`, one row per input with its reason).
+
+## Intended use
+Research on image-report retrieval, mismatch detection and zero-shot classification. Not for
+clinical decisions.
+
+## Known limitations
+- Report de-identification is rule-based plus the identities held in the archive's own headers;
+  free-text names that appear in neither can survive. Review before sharing outside the team.
+- Burned-in annotation in pixels is not detected beyond the DICOM `BurnedInAnnotation` tag.
+- Splits are by patient; with few patients a split can be small or empty (counts above).
+"""
+    path = dataset / "data_card.md"
+    path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
+    return path
+
+
+def read_data_card(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text(encoding="utf-8")
+    _, front, _ = text.split("---\n", 2)
+    return yaml.safe_load(front)
+
+
+def copy_into_repository(card: Path, name: str) -> Path | None:
+    """Copy a data card into ``data_cards/`` when run from the mmclinic repository root."""
+    here = Path.cwd()
+    if (here / "data_cards").is_dir() and (here / "mmclinic" / "__init__.py").is_file():
+        dest = here / "data_cards" / f"{name}.md"
+        shutil.copyfile(card, dest)
+        return dest
+    return None
