@@ -22,7 +22,7 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
     ("email", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), "[EMAIL]"),
     ("url", re.compile(r"\bhttps?://\S+", re.I), "[URL]"),
     ("phone", re.compile(r"(?<!\d)(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)|(?<!\d)\d{3}-\d{4}(?!\d)"), "[PHONE]"),
-    ("mrn", re.compile(r"\b(?:MRN|MR#|medical record(?: number)?|patient id)[:#\s]*[A-Z]*\d[\w-]*", re.I), "[MRN]"),
+    ("medical_record_number", re.compile(r"\b(?:MRN|MR#|medical record(?: number)?|patient id)[:#\s]*[A-Z]*\d[\w-]*", re.I), "[MRN]"),
     ("accession", re.compile(r"\b(?:accession|acc(?:ession)?\s*(?:no|number|#)?)[:#.\s]*[A-Z]*\d[\w-]*", re.I), "[ACCESSION]"),
     ("date", re.compile(
         r"\b\d{1,2}[/.-]\d{1,2}[/.-](?:\d{4}|\d{2})\b|\b\d{4}-\d{2}-\d{2}\b"

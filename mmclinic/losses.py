@@ -1,0 +1,66 @@
+"""Training objectives as pure functions of embeddings, scale and bias."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def clip_loss(image_emb: tf.Tensor, text_emb: tf.Tensor, logit_scale: tf.Tensor,
+              targets: tf.Tensor | None = None) -> tf.Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al. 2021, "Learning Transferable Visual Models
+    From Natural Language Supervision", eq. in Fig. 3).
+
+    image_emb, text_emb: (B, D), L2-normalised; logit_scale: scalar log(1/temperature).
+    targets: optional (B, B) multi-positive matrix (rows sum to 1 after normalisation);
+    identity when None. Returns a scalar float32.
+    """
+    image_emb = tf.cast(image_emb, tf.float32)
+    text_emb = tf.cast(text_emb, tf.float32)
+    scale = tf.exp(tf.cast(logit_scale, tf.float32))
+    logits = scale * tf.matmul(image_emb, text_emb, transpose_b=True)
+    n = tf.shape(logits)[0]
+    if targets is None:
+        targets = tf.eye(n)
+    targets = tf.cast(targets, tf.float32)
+    t_i2t = targets / tf.reduce_sum(targets, axis=1, keepdims=True)
+    t_t2i = tf.transpose(targets) / tf.reduce_sum(tf.transpose(targets), axis=1, keepdims=True)
+    loss_i2t = tf.nn.softmax_cross_entropy_with_logits(t_i2t, logits)
+    loss_t2i = tf.nn.softmax_cross_entropy_with_logits(t_t2i, tf.transpose(logits))
+    return 0.5 * (tf.reduce_mean(loss_i2t) + tf.reduce_mean(loss_t2i))
+
+
+def sigmoid_loss(image_emb: tf.Tensor, text_emb: tf.Tensor, logit_scale: tf.Tensor, logit_bias: tf.Tensor,
+                 targets: tf.Tensor | None = None) -> tf.Tensor:
+    """Pairwise sigmoid loss of SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image
+    Pre-Training", Algorithm 1): every (image, text) pair is an independent binary problem.
+
+    Shapes as :func:`clip_loss`; logit_bias is a scalar. Returns a scalar float32
+    (summed over pairs, averaged over images, as in the paper).
+    """
+    image_emb = tf.cast(image_emb, tf.float32)
+    text_emb = tf.cast(text_emb, tf.float32)
+    logits = tf.exp(tf.cast(logit_scale, tf.float32)) * tf.matmul(image_emb, text_emb, transpose_b=True)
+    logits += tf.cast(logit_bias, tf.float32)
+    n = tf.shape(logits)[0]
+    labels = tf.eye(n) if targets is None else tf.cast(targets > 0, tf.float32)
+    signs = 2.0 * labels - 1.0
+    return -tf.reduce_sum(tf.math.log_sigmoid(signs * logits)) / tf.cast(n, tf.float32)
+
+
+def match_loss(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
+    """Binary cross-entropy of the match head: label 1 for a consistent (image, report) pair.
+
+    logits, labels, weights: (N,). Returns the weighted mean, a scalar float32.
+    """
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.float32)
+    per = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+    if weights is None:
+        return tf.reduce_mean(per)
+    weights = tf.cast(weights, tf.float32)
+    return tf.reduce_sum(per * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+
+def same_text_targets(text: tf.Tensor) -> tf.Tensor:
+    """(B,) strings -> (B, B) 0/1 matrix marking identical reports (multi-positive targets)."""
+    return tf.cast(tf.equal(text[:, None], text[None, :]), tf.float32)

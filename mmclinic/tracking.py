@@ -1,0 +1,177 @@
+"""Experiment tracking: MLflow runs, TensorBoard scalars and the embedding projector.
+
+Everything that leaves the process for a tracker passes :data:`GUARD` first.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmclinic.phi.guard import DEFAULT_GUARD as GUARD
+
+EXPERIMENT_NAME = "mmclinic"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, or ``sqlite:///mlflow.db`` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MlflowRun:
+    """One MLflow run per training run; resumed by the id stored in the workdir."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    @classmethod
+    def start_or_resume(cls, workdir: Path, run_name: str, tags: Mapping[str, str]) -> "MlflowRun":
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri())
+        id_file = workdir / "mlflow_run_id"
+        client = mlflow.MlflowClient()
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+            try:
+                client.get_run(run_id)
+                return cls(run_id)
+            except Exception:  # noqa: BLE001 - a different tracking store: start a new run
+                pass
+        exp = client.get_experiment_by_name(EXPERIMENT_NAME)
+        exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT_NAME)
+        GUARD.check_mapping(tags, "mlflow tags")
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        id_file.write_text(run.info.run_id + "\n")
+        return cls(run.info.run_id)
+
+    @property
+    def client(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri())
+        return mlflow.MlflowClient()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in GUARD.check_mapping(params, "mlflow params").items()
+               if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k.replace("@", "_at_"), float(v), ts, int(step)) for k, v in metrics.items()
+                 if v is not None and np.isfinite(v)]
+        GUARD.check_mapping({m.key: m.value for m in batch}, "mlflow metrics")
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in GUARD.check_mapping(tags, "mlflow tags").items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.suffix in (".md", ".yaml", ".json", ".txt", ".lock", ".tsv", ".csv"):
+            GUARD.check(path.read_text(encoding="utf-8", errors="replace"), f"artifact {path.name}")
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class Scalars:
+    """TensorBoard scalar writer."""
+
+    def __init__(self, logdir: Path) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self.writer = tf.summary.create_file_writer(str(logdir))
+
+    def write(self, metrics: Mapping[str, float], step: int) -> None:
+        with self.writer.as_default(step=step):
+            for k, v in metrics.items():
+                if v is not None:
+                    self._tf.summary.scalar(k, float(v))
+        self.writer.flush()
+
+
+def write_projector(logdir: Path, image_emb: np.ndarray, text_emb: np.ndarray,
+                    metadata: Sequence[Mapping[str, str]], thumbnails: np.ndarray | None = None) -> Path:
+    """Write image and text embeddings for TensorBoard's projector, with metadata and a sprite.
+
+    ``metadata`` rows must already be de-identified; each value still passes the guard.
+    ``thumbnails``: (N, h, w) float in [0, 1], used for the image embedding's sprite.
+    """
+    import tensorflow as tf
+    from tensorboard.plugins import projector
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    cols = list(metadata[0].keys()) if metadata else ["index"]
+    for which in ("image", "text"):
+        with open(logdir / f"metadata_{which}.tsv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+            w.writerow(["kind", *cols])
+            for row in metadata:
+                vals = [str(row.get(c, "")).replace("\t", " ").replace("\n", " ") for c in cols]
+                GUARD.check(" ".join(vals), "projector metadata")
+                w.writerow([which, *vals])
+    ckpt = tf.train.Checkpoint(image_embedding=tf.Variable(image_emb, name="image_embedding"),
+                               text_embedding=tf.Variable(text_emb, name="text_embedding"))
+    ckpt.save(str(logdir / "embedding.ckpt"))
+    config = projector.ProjectorConfig()
+    for which in ("image", "text"):
+        emb = config.embeddings.add()
+        emb.tensor_name = f"{which}_embedding/.ATTRIBUTES/VARIABLE_VALUE"
+        emb.metadata_path = f"metadata_{which}.tsv"
+        if which == "image" and thumbnails is not None and len(thumbnails):
+            emb.sprite.image_path = "sprite.png"
+            emb.sprite.single_image_dim.extend([thumbnails.shape[2], thumbnails.shape[1]])
+            _write_sprite(logdir / "sprite.png", thumbnails)
+    projector.visualize_embeddings(str(logdir), config)
+    return logdir
+
+
+def _write_sprite(path: Path, thumbs: np.ndarray) -> None:
+    from PIL import Image
+
+    n, h, w = thumbs.shape[:3]
+    side = int(np.ceil(np.sqrt(n)))
+    sheet = np.zeros((side * h, side * w), np.uint8)
+    for i in range(n):
+        r, c = divmod(i, side)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = np.round(np.clip(thumbs[i], 0, 1) * 255)
+    Image.fromarray(sheet).save(path)
