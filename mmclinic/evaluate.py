@@ -42,17 +42,18 @@ class RunScorer:
         from mmclinic.data.preprocess import decode_image
 
         size = config.data.image_size
+        spec = [tf.TensorSpec([None], tf.string)]
         self._img = tf.function(lambda b: self.model.encode_image(
             tf.map_fn(lambda x: decode_image(x, size), b, fn_output_signature=tf.float32), training=False),
-            reduce_retracing=True)
+            input_signature=spec)
         self._txt = tf.function(lambda t: self.model.encode_text(*self.tokenizer(t), training=False),
-                                reduce_retracing=True)
+                                input_signature=spec)
 
     def embed_images(self, png: list[bytes]) -> np.ndarray:
-        return _batched(lambda b: self._img(np.array(b, dtype=object)).numpy(), png)
+        return _batched(lambda b: self._img(tf_strings(b)).numpy(), png)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return _batched(lambda b: self._txt(np.array(b, dtype=object)).numpy(), texts)
+        return _batched(lambda b: self._txt(tf_strings(b)).numpy(), texts)
 
     def match_logits(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.match_logits(image_emb, text_emb))
@@ -81,6 +82,12 @@ class SavedModelScorer:
         f = self.sig["match_embeddings"]
         return f(image_emb=self._tf.constant(image_emb, self._tf.float32),
                  text_emb=self._tf.constant(text_emb, self._tf.float32))["match_logit"].numpy()
+
+
+def tf_strings(items: list) -> Any:
+    import tensorflow as tf
+
+    return tf.constant(list(items), dtype=tf.string)
 
 
 def _batched(fn, items: list, size: int = 64) -> np.ndarray:

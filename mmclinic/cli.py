@@ -1,0 +1,134 @@
+"""Command line: parse, call the library, print. Exit 0 ok, 1 the work failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmclinic", description="Clinical image-report learning workbench.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write a synthetic clinical dataset (DICOM + reports + labels)")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--patients", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+
+    s = sub.add_parser("ingest", help="de-identify, pair, split and shard a source into a dataset folder")
+    s.add_argument("source", metavar="SOURCE")
+    s.add_argument("--out", required=True, metavar="DATASET")
+    s.add_argument("--format", default="auto", choices=["auto", "dicom", "medpix2", "iu-xray", "mimic-cxr", "csv"])
+    s.add_argument("--deid-key-file", metavar="F",
+                   help="hex key for pseudonyms (created if absent; default DATASET.deid-key beside DATASET)")
+    s.add_argument("--max-side", type=int, default=512, help="longest side of stored images")
+    s.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
+    s.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test fractions")
+
+    s = sub.add_parser("train", help="train the dual-tower model (same workdir resumes)")
+    s.add_argument("experiment", metavar="EXPERIMENT.yaml")
+    s.add_argument("--data", required=True, metavar="DATASET")
+    s.add_argument("--workdir", metavar="RUN")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    s = sub.add_parser("evaluate", help="score a run or exported model; write REPORT.json")
+    s.add_argument("target", metavar="RUN|MODEL_DIR")
+    s.add_argument("--data", required=True, metavar="DATASET")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", required=True, metavar="REPORT.json")
+
+    s = sub.add_parser("export", help="vet a run and export a SavedModel (TensorFlow Serving layout)")
+    s.add_argument("run", metavar="RUN")
+    s.add_argument("--out", required=True, metavar="MODEL_BASE")
+    s.add_argument("--name")
+
+    s = sub.add_parser("score", help="batch-score image-report pairs into a SQL database")
+    s.add_argument("model_dir", metavar="MODEL_DIR")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data", metavar="DATASET")
+    g.add_argument("--input", metavar="CSV", help="columns image_path, report_text[, pair_id]")
+    s.add_argument("--db", default="sqlite:///scores.db", metavar="URL")
+    s.add_argument("--split", default="test", help="train, val, test or all (with --data)")
+
+    s = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> export -> score")
+    s.add_argument("--workdir", default="demo_run", metavar="DIR")
+    s.add_argument("--patients", type=int, default=80)
+    s.add_argument("--experiment", metavar="EXPERIMENT.yaml")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mmclinic.errors import UsageError
+
+    if args.command == "synth":
+        from mmclinic.data.synth import synthesize
+
+        r = synthesize(args.out, patients=args.patients, seed=args.seed, size=args.size)
+        print(f"wrote {r.images} DICOM files of {r.studies} studies ({r.patients} patients) to {r.out}")
+    elif args.command == "ingest":
+        from mmclinic.data.ingest import IngestOptions, ingest
+
+        try:
+            ratios = tuple(float(x) for x in args.split_ratios.split(","))
+        except ValueError:
+            raise UsageError(f"--split-ratios expects three numbers, got {args.split_ratios!r}") from None
+        if len(ratios) != 3:
+            raise UsageError(f"--split-ratios expects three numbers, got {args.split_ratios!r}")
+        r = ingest(args.source, args.out, args.format, args.deid_key_file,
+                   IngestOptions(split_ratios=ratios, max_side=args.max_side, workers=args.workers))
+        print(f"dataset {r.dataset} (version {r.version}): {r.accepted} images accepted, {r.quarantined} "
+              f"quarantined, {r.reports} reports; splits {r.splits}")
+    elif args.command == "train":
+        from mmclinic.train import train_from_file
+
+        r = train_from_file(args.experiment, args.data, args.workdir, args.overrides)
+        print(f"run {r.workdir}: step {r.step}, MLflow run {r.mlflow_run_id}")
+    elif args.command == "evaluate":
+        from mmclinic.evaluate import evaluate, headline
+
+        report = evaluate(args.target, args.data, args.split, args.out)
+        print(json.dumps(headline(report), indent=2))
+        print(f"report written to {args.out}")
+    elif args.command == "export":
+        from mmclinic.export import export
+
+        r = export(args.run, args.out, args.name)
+        print(f"exported version {r.version} to {r.path}")
+    elif args.command == "score":
+        from mmclinic.scoring import score
+
+        r = score(args.model_dir, data=args.data, input_csv=args.input, db=args.db, split=args.split)
+        print(f"scored {r.pairs} pairs ({r.failed} unreadable), {r.flagged} flagged; run {r.scoring_run_id} in {r.db}")
+    elif args.command == "demo":
+        from mmclinic.demo import run_demo
+
+        run_demo(args.workdir, args.patients, args.experiment, args.overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mmclinic.errors import MmclinicError
+
+    try:
+        return _run(args)
+    except MmclinicError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mmclinic {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""``mmclinic export``: vet a run, then write a SavedModel in TensorFlow Serving's layout.
+
+The SavedModel carries its preprocessing: image decoding and resizing, and the
+report tokenizer, are in the graph. Signatures:
+
+- ``serving_default(image_bytes: string[N], report_text: string[N])`` ->
+  ``match_score`` (probability that the report belongs with the image), ``match_logit``,
+  ``similarity`` (cosine of the two embeddings)
+- ``embed_image(image_bytes)``, ``embed_text(report_text)``, ``match_embeddings(image_emb, text_emb)``
+- ``score_tokens(image_bytes, token_ids, padding_mask)`` for servers without TF-Text ops.
+
+Loading needs ``import tensorflow_text`` (the tokenizer's ops); TensorFlow Serving's
+official build links them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmclinic.errors import UsageError, VettingFailed
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    version: int
+    checks: dict[str, Any]
+
+
+def build_serving_module(model, vocab: list[str], image_size: int, max_length: int):
+    import tensorflow as tf
+
+    from mmclinic.data.preprocess import decode_image
+    from mmclinic.tokenizer import ReportTokenizer
+
+    class ServingModule(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="mmclinic")
+            self.model = model
+            self.tokenizer = ReportTokenizer(vocab, max_length)
+            self.image_size = tf.constant(image_size)
+
+        def _images(self, image_bytes):
+            imgs = tf.map_fn(lambda b: decode_image(b, image_size), image_bytes, fn_output_signature=tf.float32)
+            return self.model.encode_image(imgs, training=False)
+
+        def _texts(self, report_text):
+            ids, mask = self.tokenizer(report_text)
+            return self.model.encode_text(ids, mask, training=False)
+
+        def _pair(self, img, txt):
+            logit = self.model.match_logits(img, txt)
+            return {"match_score": tf.sigmoid(logit), "match_logit": logit,
+                    "similarity": tf.reduce_sum(img * txt, axis=-1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                      tf.TensorSpec([None], tf.string, name="report_text")])
+        def serve(self, image_bytes, report_text):
+            return self._pair(self._images(image_bytes), self._texts(report_text))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def embed_image(self, image_bytes):
+            return {"image_emb": self._images(image_bytes)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="report_text")])
+        def embed_text(self, report_text):
+            return {"text_emb": self._texts(report_text)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="image_emb"),
+                                      tf.TensorSpec([None, None], tf.float32, name="text_emb")])
+        def match_embeddings(self, image_emb, text_emb):
+            return self._pair(image_emb, text_emb)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                      tf.TensorSpec([None, max_length], tf.int32, name="token_ids"),
+                                      tf.TensorSpec([None, max_length], tf.bool, name="padding_mask")])
+        def score_tokens(self, image_bytes, token_ids, padding_mask):
+            return self._pair(self._images(image_bytes), self.model.encode_text(token_ids, padding_mask))
+
+    return ServingModule()
+
+
+def save_serving_model(module, path: Path) -> None:
+    import tensorflow as tf
+
+    tf.saved_model.save(module, str(path), signatures={
+        "serving_default": module.serve, "embed_image": module.embed_image, "embed_text": module.embed_text,
+        "match_embeddings": module.match_embeddings, "score_tokens": module.score_tokens,
+    })
+
+
+def _next_version(base: Path) -> int:
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def _model_card(name: str, version: int, run_info: dict[str, Any], config, checks: dict[str, Any]) -> str:
+    v = checks["validation"]
+    return f"""# Model card: {name} version {version}
+
+- Exported: {dt.date.today().isoformat()} by `mmclinic export`
+- Config hash: `{config.hash()}`; experiment `{config.name}`: {config.description}
+- Training data: dataset version `{run_info.get('dataset_version')}` (see its data card)
+- Architecture: image tower `{config.model.image_tower}` ({config.data.image_size} px grayscale),
+  text tower `{config.model.text_tower}` ({config.model.text_layers} layers, hidden {config.model.text_hidden}),
+  embedding {config.model.embed_dim}; trained {run_info.get('step')} steps with the `{config.train.loss}` loss
+  and a match head.
+
+## Intended use
+Research: image-report retrieval and flagging image-report mismatches for human review.
+Not a diagnostic device; every flag needs a person's review.
+
+## Validation (the run's validation split)
+| figure | value |
+|---|---|
+| image-to-text R@5 | {v['image_to_text_R@5']:.3f} (chance {v['chance_R@5']:.3f}) |
+| text-to-image R@5 | {v['text_to_image_R@5']:.3f} |
+| mismatch AUROC | {v['mismatch_auroc']:.3f} |
+| mismatch flag threshold (sensitivity {config.eval.target_sensitivity:.2f}) | {checks['threshold']:.4f} |
+
+## Vetting checks
+{chr(10).join(f"- {k}: {'passed' if c['passed'] else 'FAILED'} ({c['detail']})" for k, c in checks['checks'].items())}
+
+## Serving
+TensorFlow Serving layout (`{name}/{version}/`). Inputs: encoded PNG/JPEG bytes of the display-ready
+image (as `mmclinic.read_image` produces) and the report text. Loading needs TF-Text ops.
+
+## Limitations
+The image tower is trained from scratch unless a weights file was given; results on the
+training distribution do not transfer to other sites, modalities or report styles without evaluation.
+"""
+
+
+def export(run: str | Path, model_base: str | Path, name: str | None = None) -> ExportResult:
+    """Vet ``run`` and, when every check passes, write ``MODEL_BASE/NAME/VERSION/``."""
+    import tensorflow as tf
+
+    from mmclinic.evaluate import RunScorer, compute_report, load_run_model, load_split, operating_threshold
+    from mmclinic.phi.guard import DEFAULT_GUARD
+
+    run, model_base = Path(run), Path(model_base)
+    if not (run / "config.yaml").is_file():
+        raise UsageError(f"RUN {run}: not a training run (no config.yaml)")
+    model, tokenizer, config = load_run_model(run)
+    run_info = json.loads((run / "run.json").read_text())
+    name = name or config.export.name
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise UsageError(f"--name must be letters, digits, '-' or '_', got {name!r}")
+    data = Path(run_info["data"])
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(key: str, passed: bool, detail: str) -> None:
+        checks[key] = {"passed": bool(passed), "detail": detail}
+
+    check("training_complete", run_info.get("step", 0) >= config.train.steps,
+          f"step {run_info.get('step', 0)} of {config.train.steps}")
+    if not data.is_dir():
+        raise VettingFailed(f"vetting failed: the run's dataset {data} is missing (check dataset_available)")
+    val = load_split(data, "val")
+    if len(val.png) < 3:
+        raise VettingFailed(f"vetting failed: validation split of {data} has {len(val.png)} images, need >= 3")
+    scorer = RunScorer(run, model, tokenizer, config)
+    rep = compute_report(scorer, val, boot=0, seed=config.eval.seed)
+    r5 = rep["retrieval"]["image_to_text"]["R@5"]
+    auroc = rep["mismatch"]["auroc"]["value"] or 0.0
+    need = config.export.min_recall5_over_chance * r5["chance"]
+    check("retrieval_above_chance", r5["value"] >= need,
+          f"val image-to-text R@5 {r5['value']:.3f} vs required {need:.3f}")
+    check("mismatch_auroc", auroc >= config.export.min_mismatch_auroc,
+          f"val mismatch AUROC {auroc:.3f} vs required {config.export.min_mismatch_auroc:.3f}")
+    vocab = tokenizer.vocab
+    phi_tokens = [t for t in vocab if DEFAULT_GUARD.findings(t)]
+    check("vocabulary_phi_scan", not phi_tokens, f"{len(phi_tokens)} vocabulary tokens match PHI rules")
+    threshold = operating_threshold(scorer, data, config.eval.target_sensitivity, config.eval.seed)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmclinic-export-"))
+    try:
+        staged = tmp / "model"
+        module = build_serving_module(model, vocab, config.data.image_size, config.data.max_length)
+        save_serving_model(module, staged)
+        import tensorflow_text  # noqa: F401
+
+        reloaded = tf.saved_model.load(str(staged))
+        k = min(8, len(val.png))
+        got = reloaded.signatures["serving_default"](image_bytes=tf.constant(val.png[:k]),
+                                                     report_text=tf.constant(val.texts[:k]))
+        img = scorer.embed_images(val.png[:k])
+        txt = scorer.embed_texts(val.texts[:k])
+        want = 1 / (1 + np.exp(-scorer.match_logits(img, txt)))
+        diff = float(np.max(np.abs(got["match_score"].numpy() - want)))
+        check("reload_parity", diff <= config.export.max_reload_difference,
+              f"max |SavedModel - Keras| match score difference {diff:.2e} on {k} validation pairs")
+        failed = [k for k, c in checks.items() if not c["passed"]]
+        result = {"checks": checks, "threshold": threshold if threshold is not None else 0.0,
+                  "validation": {"image_to_text_R@5": r5["value"], "chance_R@5": r5["chance"],
+                                 "text_to_image_R@5": rep["retrieval"]["text_to_image"]["R@5"]["value"],
+                                 "mismatch_auroc": auroc}}
+        (run / "vetting.json").write_text(json.dumps(result, indent=2) + "\n")
+        if failed:
+            raise VettingFailed("vetting failed: " + "; ".join(f"{k} ({checks[k]['detail']})" for k in failed))
+        base = model_base / name
+        base.mkdir(parents=True, exist_ok=True)
+        version = _next_version(base)
+        extra = staged / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        card = _model_card(name, version, run_info, config, result)
+        DEFAULT_GUARD.check(card, "model card")
+        (extra / "model_card.md").write_text(card)
+        (extra / "mmclinic.json").write_text(json.dumps({
+            "name": name, "version": version, "config_hash": config.hash(), "config": config.to_dict(),
+            "dataset_version": run_info.get("dataset_version"), "mismatch_threshold": result["threshold"],
+            "mismatch_score": "negated match logit; flag when >= mismatch_threshold",
+            "image_size": config.data.image_size, "max_length": config.data.max_length, "vetting": result,
+        }, indent=2) + "\n")
+        dest = base / str(version)
+        shutil.move(str(staged), str(dest))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(path=dest, version=version, checks=checks)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A SavedModel folder from ``MODEL_BASE/NAME`` (latest version) or a version folder."""
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    versions = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
+                      reverse=True) if path.is_dir() else []
+    for v in versions:
+        if (path / str(v) / "saved_model.pb").is_file():
+            return path / str(v)
+    raise UsageError(f"MODEL_DIR {path}: no SavedModel here (expected saved_model.pb or numbered versions)")
