@@ -33,10 +33,10 @@ def small_cnn(size: int, widths: tuple[int, ...], weights: str | None = None) ->
     x = keras.layers.Rescaling(2.0, offset=-1.0)(inp)
     for i, w in enumerate(widths):
         x = keras.layers.Conv2D(w, 3, strides=2, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = keras.layers.Activation("relu")(x)
         x = keras.layers.Conv2D(w, 3, padding="same", use_bias=False, name=f"conv{i}b")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}b")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}b")(x)
         x = keras.layers.Activation("relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inp, x, name="small_cnn")

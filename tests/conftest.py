@@ -1,0 +1,50 @@
+"""Shared fixtures: one small synthetic archive, its dataset and one tiny trained run per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    yield
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> Path:
+    from mmclinic.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, patients=60, seed=7, size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dataset(synth_source, tmp_path_factory) -> Path:
+    from mmclinic.data.ingest import IngestOptions, ingest
+
+    base = tmp_path_factory.mktemp("datasets")
+    ingest(synth_source, base / "ds", "dicom", base / "key.hex", IngestOptions(max_side=64, workers=2))
+    return base / "ds"
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset, tmp_path_factory) -> Path:
+    """The tiny experiment trained long enough to learn something (about a minute here)."""
+    from mmclinic.config import load_config
+    from mmclinic.train import train
+
+    cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=150", "train.checkpoint_every=50",
+                                                            "train.eval_every=150", "train.log_every=50"])
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train(cfg, dataset, run, quiet=True)
+    return run

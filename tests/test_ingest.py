@@ -1,0 +1,66 @@
+import shutil
+
+import pandas as pd
+import pytest
+
+from mmclinic.data.cards import read_data_card
+from mmclinic.data.ingest import IngestOptions, ingest
+from mmclinic.data.splits import check_splits
+from mmclinic.errors import MmclinicError, UsageError
+
+
+def test_manifest_columns_and_patient_level_split(dataset):
+    m = pd.read_parquet(dataset / "manifest.parquet")
+    for col in ("image_id", "patient_key", "study_key", "report_id", "split", "modality", "view", "laterality",
+                "source_format", "image_sha256", "path"):
+        assert col in m.columns
+    assert set(m["split"]) == {"train", "val", "test"}
+    assert (m.groupby("patient_key")["split"].nunique() == 1).all()
+    bad = m.copy()
+    counts = bad["patient_key"].value_counts()
+    row = bad.index[bad["patient_key"] == counts.index[0]][0]  # a patient with several images
+    assert counts.iloc[0] > 1
+    bad.loc[row, "split"] = "test" if bad.loc[row, "split"] != "test" else "train"
+    with pytest.raises(MmclinicError, match="split leak"):
+        check_splits(bad)
+    card = read_data_card(dataset / "data_card.md")
+    assert card["counts"]["images_accepted"] == len(m)
+    assert card["manifest_sha256"] and card["splits"]["train"]["patients"] > 0
+
+
+def test_bad_inputs_quarantined_and_everything_accounted(synth_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(synth_source, src)
+    (src / "dicom" / "notes.txt").write_text("not an image")
+    victim = sorted((src / "dicom").rglob("*.dcm"))[0]
+    data = victim.read_bytes()
+    (src / "dicom" / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    with open(src / "reports.csv", "a") as fh:
+        fh.write('999,ACC00000000,1.2.3.4,"FINDINGS: No image for this one. IMPRESSION: Normal."\n')
+        fh.write('999,ACC00000001,1.2.3.5,""\n')
+    n_files = sum(1 for p in src.rglob("*") if p.is_file()) - 2  # minus reports.csv and labels.csv
+    out = tmp_path / "ds"
+    s = ingest(src, out, "auto", tmp_path / "k", IngestOptions(max_side=64))
+    q = pd.read_csv(out / "quarantine.csv")
+    reasons = dict(zip(q["source_path"], q["reason_code"]))
+    assert reasons["dicom/notes.txt"] == "not_dicom"
+    assert reasons["dicom/truncated.dcm"] in ("truncated", "corrupt_image", "duplicate")
+    assert "missing_image" in set(q["reason_code"]) and "empty_report" in set(q["reason_code"])
+    image_rows = q[~q["source_path"].str.startswith("reports.csv")]
+    assert s.accepted + len(image_rows) == n_files
+    assert "999" not in " ".join(q["message"])
+
+
+def test_rerun_same_key_reproduces_dataset(synth_source, tmp_path):
+    a = ingest(synth_source, tmp_path / "a", "dicom", tmp_path / "k", IngestOptions(max_side=64, workers=1))
+    b = ingest(synth_source, tmp_path / "b", "dicom", tmp_path / "k", IngestOptions(max_side=64, workers=2))
+    assert a.version == b.version
+    ma, mb = (pd.read_parquet(p / "manifest.parquet") for p in (tmp_path / "a", tmp_path / "b"))
+    pd.testing.assert_frame_equal(ma, mb)
+    c = ingest(synth_source, tmp_path / "c", "dicom", tmp_path / "other-key", IngestOptions(max_side=64))
+    assert set(pd.read_parquet(tmp_path / "c" / "manifest.parquet")["patient_key"]).isdisjoint(set(ma["patient_key"]))
+
+
+def test_missing_source_is_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="SOURCE"):
+        ingest(tmp_path / "nope", tmp_path / "out")
