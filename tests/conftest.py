@@ -43,8 +43,8 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     from mmclinic.config import load_config
     from mmclinic.train import train
 
-    cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=150", "train.checkpoint_every=50",
-                                                            "train.eval_every=150", "train.log_every=50"])
+    cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=200", "train.checkpoint_every=50",
+                                                            "train.eval_every=200", "train.log_every=50"])
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train(cfg, dataset, run, quiet=True)
     return run

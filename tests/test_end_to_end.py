@@ -17,14 +17,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_training_learns_better_than_untrained(trained_run, dataset):
-    """Held-out (test split) retrieval and mismatch detection beat the same model at initialisation."""
+    """Held-out (val + test splits) retrieval and mismatch detection beat the same model at initialisation."""
     import keras
 
     from mmclinic.evaluate import RunScorer, compute_report, load_run_model, load_split
     from mmclinic.models.dual_encoder import from_model_config
 
+    import pandas as pd
+
+    from mmclinic.evaluate import SplitData
+
     model, tok, cfg = load_run_model(trained_run)
-    test = load_split(dataset, "test")
+    val, tst = load_split(dataset, "val"), load_split(dataset, "test")
+    test = SplitData(png=val.png + tst.png, texts=val.texts + tst.texts,
+                     meta=pd.concat([val.meta, tst.meta], ignore_index=True))  # all held-out patients
     trained = compute_report(RunScorer(trained_run, model, tok, cfg), test, boot=0)
     keras.utils.set_random_seed(cfg.train.seed)
     fresh = from_model_config(cfg.model, cfg.data.image_size, cfg.data.max_length, len(tok.vocab))
@@ -37,7 +43,7 @@ def test_training_learns_better_than_untrained(trained_run, dataset):
     pool = trained["retrieval"]["image_to_text"]["pool_size"]
     assert mean_rank(trained) < mean_rank(untrained) - 1.0
     assert mean_rank(trained) < 0.4 * (pool + 1)  # chance is (pool + 1) / 2
-    assert trained["mismatch"]["auroc"]["value"] > untrained["mismatch"]["auroc"]["value"] + 0.05
+    assert trained["mismatch"]["auroc"]["value"] > max(0.55, untrained["mismatch"]["auroc"]["value"] + 0.03)
 
 
 def test_run_folder_and_tracking(trained_run):
@@ -45,7 +51,7 @@ def test_run_folder_and_tracking(trained_run):
 
     for name in ("config.yaml", "vocab.txt", "run.json", "mlflow_run_id"):
         assert (trained_run / name).is_file()
-    assert list((trained_run / "checkpoints").glob("ckpt-150*"))
+    assert list((trained_run / "checkpoints").glob("ckpt-200*"))
     tb = trained_run / "tensorboard"
     assert list(tb.glob("events.out.tfevents.*")) and (tb / "projector_config.pbtxt").is_file()
     assert (tb / "sprite.png").is_file() and (tb / "metadata_image.tsv").read_text().startswith("kind\t")
