@@ -165,3 +165,18 @@ def test_demo_cli_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "REPORT.json").is_file() and "mlflow ui" in proc.stdout
     assert list((tmp_path / "demo" / "models" / "mmclinic-demo").glob("1/saved_model.pb"))
     assert outputs["scores_db"].startswith("sqlite:///")
+
+    # The failure-analysis notebook runs against the demo's outputs.
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "failure_cases.ipynb", as_version=4)
+    os.environ["MMCLINIC_DEMO_DIR"] = str(tmp_path / "demo")
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    finally:
+        os.environ.pop("MMCLINIC_DEMO_DIR", None)
+    assert "rank" in str(nb.cells[-1].outputs)
