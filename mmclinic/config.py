@@ -28,7 +28,6 @@ class DataConfig:
     """Side of the square image the image tower sees, in pixels."""
     max_length: int = 64
     """Token sequence length, [CLS] and [SEP] included."""
-    text_policy: Literal["findings", "impression", "both", "longest"] = "both"
     shuffle_buffer: int = 512
     cache: bool = True
     augment: bool = True
@@ -82,7 +81,6 @@ class TrainConfig:
 class EvalConfig:
     """How a model is scored."""
 
-    split: Literal["train", "val", "test"] = "test"
     bootstrap_samples: int = 200
     seed: int = 0
     target_sensitivity: float = 0.95
