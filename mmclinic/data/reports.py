@@ -57,6 +57,8 @@ def model_text(report: ParsedReport, policy: str = "both") -> str:
     if policy not in TEXT_POLICIES:
         raise ValueError(f"text policy must be one of {TEXT_POLICIES}, got {policy!r}")
     f, i = report.findings, report.impression
+    if not f and not i:
+        return report.other  # a report without the usual headers keeps its text
     if policy == "findings":
         return f or i
     if policy == "impression":
