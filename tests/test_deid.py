@@ -19,8 +19,15 @@ def test_text_rules_replace_identifiers_and_audit_counts_without_values():
 
 
 def test_known_identities_removed_even_without_patterns():
-    out = deidentify_text("Seen by halvorsen today; quintero aware.", known=["HALVORSEN^MARY", "Quintero"])
-    assert "halvorsen" not in out.lower() and "quintero" not in out.lower()
+    out = deidentify_text("Seen by halvorsen today; quintero aware. MR 12345678 reviewed.",
+                          known=["12345678"], known_names=["HALVORSEN^MARY", "Quintero"])
+    assert "halvorsen" not in out.lower() and "quintero" not in out.lower() and "12345678" not in out
+
+
+def test_words_inside_addresses_and_institutions_are_not_redacted():
+    out = deidentify_text("65-year-old man. General appearance normal. Old granuloma.",
+                          known=["12 Old Mill Road, Millbrook", "Riverbend General Hospital"])
+    assert out == "65-year-old man. General appearance normal. Old granuloma."
 
 
 def test_guard_refuses_and_names_rule_not_value():

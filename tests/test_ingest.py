@@ -35,9 +35,22 @@ def test_bad_inputs_quarantined_and_everything_accounted(synth_source, tmp_path)
     victim = sorted((src / "dicom").rglob("*.dcm"))[0]
     data = victim.read_bytes()
     (src / "dicom" / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    import csv as _csv
+
+    import pydicom
+
+    first = next(_csv.DictReader(open(src / "reports.csv")))
     with open(src / "reports.csv", "a") as fh:
         fh.write('999,ACC00000000,1.2.3.4,"FINDINGS: No image for this one. IMPRESSION: Normal."\n')
         fh.write('999,ACC00000001,1.2.3.5,""\n')
+        fh.write(f'{first["patient_id"]},{first["accession_number"]},,"FINDINGS: A second row. IMPRESSION: x."\n')
+        fh.write(',ACC00000002,,"FINDINGS: Nobody\'s report. IMPRESSION: Normal."\n')
+    # A copy of a real image without any patient identifier and a new SOP instance.
+    ds = pydicom.dcmread(victim)
+    ds.PatientID = ""
+    ds.AccessionNumber = "ACC00000002"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
+    ds.save_as(src / "dicom" / "anonymous.dcm")
     n_files = sum(1 for p in src.rglob("*") if p.is_file()) - 2  # minus reports.csv and labels.csv
     out = tmp_path / "ds"
     s = ingest(src, out, "auto", tmp_path / "k", IngestOptions(max_side=64))
@@ -45,9 +58,13 @@ def test_bad_inputs_quarantined_and_everything_accounted(synth_source, tmp_path)
     reasons = dict(zip(q["source_path"], q["reason_code"]))
     assert reasons["dicom/notes.txt"] == "not_dicom"
     assert reasons["dicom/truncated.dcm"] in ("truncated", "corrupt_image", "duplicate")
-    assert "missing_image" in set(q["reason_code"]) and "empty_report" in set(q["reason_code"])
+    assert reasons["dicom/anonymous.dcm"] == "missing_patient"
+    assert {"missing_image", "empty_report", "duplicate"} <= set(q["reason_code"])
     image_rows = q[~q["source_path"].str.startswith("reports.csv")]
     assert s.accepted + len(image_rows) == n_files
+    report_rows = q[q["source_path"].str.startswith("reports.csv")]
+    n_rows = sum(1 for _ in _csv.DictReader(open(src / "reports.csv")))
+    assert s.reports + len(report_rows) == n_rows == read_data_card(out / "data_card.md")["counts"]["report_rows"]
     assert "999" not in " ".join(q["message"])
 
 

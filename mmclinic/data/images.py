@@ -67,7 +67,7 @@ def read_image(path: str | Path, frame: int | None = None, *, frame_policy: str 
     if not path.is_file():
         raise errors.MissingImage(f"image file not found: {path.name}")
     if _is_dicom(path):
-        return _read_dicom(path, frame, frame_policy, pixel_budget)
+        return decode_dicom(open_dicom(path), path, frame, frame_policy, pixel_budget)
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic.startswith(b"\x89PNG") or magic.startswith(b"\xff\xd8\xff"):
@@ -123,21 +123,33 @@ def percentile_window(values: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> 
     return np.clip((values - a) / (b - a), 0.0, 1.0).astype(np.float32)
 
 
-def _read_dicom(path: Path, frame: int | None, frame_policy: str, pixel_budget: int) -> ImageRecord:
+def open_dicom(path: str | Path) -> Any:
+    """Parse a DICOM file's header, deferring large values (the pixel data) until needed.
+
+    Refuses files without the 'DICM' marker instead of forcing a read of arbitrary bytes.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    if frame_policy not in FRAME_POLICIES:
-        raise errors.UsageError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
+    path = Path(path)
+    if not _is_dicom(path):
+        raise errors.NotDicom(f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128)")
     try:
-        # Large values (pixel data) are deferred: the header is checked before decoding.
-        ds = pydicom.dcmread(path, defer_size="256 KB")
+        return pydicom.dcmread(path, defer_size="256 KB")
     except InvalidDicomError:
         raise errors.NotDicom(f"{path.name}: not a valid DICOM file") from None
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise errors.TruncatedFile(f"{path.name}: DICOM header cannot be parsed ({type(exc).__name__})") from None
 
+
+def decode_dicom(ds: Any, path: str | Path, frame: int | None = None, frame_policy: str = "first",
+                 pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> ImageRecord:
+    """Display-ready pixels of a dataset from :func:`open_dicom`; the header is checked first."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = Path(path)
+    if frame_policy not in FRAME_POLICIES:
+        raise errors.UsageError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
     tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not tsyntax:
         raise errors.UnsupportedTransferSyntax(f"{path.name}: missing tag TransferSyntaxUID (0002,0010)")
@@ -197,7 +209,7 @@ def _read_dicom(path: Path, frame: int | None, frame_policy: str, pixel_budget: 
         raise errors.TruncatedFile(f"{path.name}: PixelData cannot be decoded ({type(exc).__name__})") from None
 
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if samples == 3 or arr.ndim == 3 and arr.shape[-1] == 3:
+    if samples == 3:
         # pydicom returns RGB for RGB and converts YBR to RGB.
         bits = _header_int(ds, "BitsStored", bits_alloc)
         pixels = (arr.astype(np.float32) / float((1 << bits) - 1)).clip(0, 1)
@@ -208,14 +220,15 @@ def _read_dicom(path: Path, frame: int | None, frame_policy: str, pixel_budget: 
             lut_item = ds.VOILUTSequence[0]
             lut_bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
             pixels = np.clip(lut.astype(np.float32) / float((1 << lut_bits) - 1), 0, 1)
-        elif "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter not in (None, ""):
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            if width <= 0:
+        else:
+            try:
+                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            except (AttributeError, TypeError, ValueError, IndexError):
+                center = width = None  # absent or unparsable: fall back to a percentile window
+            if center is None or width is None or not np.isfinite(center) or not width > 0:
                 pixels = percentile_window(values)
             else:
                 pixels = window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
-        else:
-            pixels = percentile_window(values)
         if photometric == "MONOCHROME1":
             pixels = 1.0 - pixels
     meta = dicom_metadata(ds)

@@ -23,7 +23,7 @@ import pandas as pd
 
 from mmclinic import errors
 from mmclinic.data import cards, reports as reports_mod, shards, splits
-from mmclinic.data.images import read_image, to_png_bytes
+from mmclinic.data.images import decode_dicom, open_dicom, to_png_bytes
 from mmclinic.phi.dicom_deid import Pseudonymizer, load_or_create_key
 from mmclinic.phi.text_deid import deidentify_text
 
@@ -33,9 +33,9 @@ MANIFEST_COLUMNS = [
     "source_format", "image_sha256", "path", "photometric", "sex", "age_band", "manufacturer",
     "body_part", "rows", "columns", "date_shift_days",
 ]
-_IDENTITY_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress",
-                  "PatientTelephoneNumbers", "InstitutionName", "InstitutionAddress",
-                  "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName")
+_NAME_TAGS = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName")
+_IDENTITY_TAGS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers",
+                  "InstitutionName", "InstitutionAddress", *_NAME_TAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +74,14 @@ def detect_format(source: Path) -> str:
 
 
 def _read_one_dicom(args: tuple[str, str, int, str]) -> dict[str, Any]:
-    """Worker: header identities + display-ready pixels -> a PNG in the dataset. Runs in a pool."""
+    """Worker: one header read gives identities and pixels; pixels -> a PNG. Runs in a pool."""
     path, rel, max_side, frame_policy = args
-    import pydicom
-
     try:
-        rec = read_image(path, frame_policy=frame_policy)
-        hdr = pydicom.dcmread(path, stop_before_pixels=True,
-                              specific_tags=list(_IDENTITY_TAGS) + ["StudyInstanceUID", "SOPInstanceUID"])
-        ident = {k: str(hdr.get(k, "") or "") for k in _IDENTITY_TAGS}
-        for k in ("StudyInstanceUID", "SOPInstanceUID"):
-            ident[k] = str(hdr.get(k, "") or "")
+        ds = open_dicom(path)
+        ident = {k: str(ds.get(k, "") or "") for k in (*_IDENTITY_TAGS, "StudyInstanceUID", "SOPInstanceUID")}
         if not ident["SOPInstanceUID"]:
             raise errors.UnsupportedPixelFormat(f"{Path(path).name}: missing tag SOPInstanceUID (0008,0018)")
+        rec = decode_dicom(ds, path, frame_policy=frame_policy)
         png = to_png_bytes(rec.pixels, max_side)
         return {"ok": True, "rel": rel, "meta": rec.meta, "ident": ident, "png": png}
     except errors.InputError as exc:
@@ -156,6 +151,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     if not (source / "reports.csv").is_file():
         raise errors.UsageError(f"SOURCE {source}: reports.csv not found (a dicom source needs one)")
     report_rows = _read_reports_csv(source / "reports.csv", quarantine, "reports.csv")
+    n_report_rows = len(report_rows) + len(quarantine)  # every data row of reports.csv
 
     workers = options.workers or os.cpu_count() or 1
     jobs = [(str(p), p.relative_to(source).as_posix(), options.max_side,
@@ -170,12 +166,23 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     # ----- pair images with reports by accession number (or study UID)
     by_acc: dict[str, dict[str, str]] = {}
     by_uid: dict[str, dict[str, str]] = {}
+    unique_rows = []
     for row in report_rows:
-        if row.get("accession_number"):
-            by_acc[row["accession_number"].strip()] = row
-        if row.get("study_instance_uid"):
-            by_uid[row["study_instance_uid"].strip()] = row
-    identities: dict[str, set[str]] = collections.defaultdict(set)  # report key -> known identities
+        acc = (row.get("accession_number") or "").strip()
+        uid = (row.get("study_instance_uid") or "").strip()
+        if (acc and acc in by_acc) or (uid and uid in by_uid):
+            field = "accession_number" if acc and acc in by_acc else "study_instance_uid"
+            quarantine.append({"source_path": row["_where"], "reason_code": "duplicate",
+                               "message": f"{row['_where']}: field {field} repeats an earlier row"})
+            continue
+        if acc:
+            by_acc[acc] = row
+        if uid:
+            by_uid[uid] = row
+        unique_rows.append(row)
+    report_rows = unique_rows
+    identities: dict[str, set[str]] = collections.defaultdict(set)  # report key -> known identifier values
+    names: dict[str, set[str]] = collections.defaultdict(set)  # report key -> known person names
     used_reports: set[int] = set()
     accepted: list[dict[str, Any]] = []
     seen_sop: set[str] = set()
@@ -194,10 +201,16 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
             quarantine.append({"source_path": res["rel"], "reason_code": "duplicate",
                                "message": f"{Path(res['rel']).name}: tag SOPInstanceUID repeats an earlier file"})
             continue
+        patient_id = (ident["PatientID"] or row.get("patient_id", "")).strip()
+        if not patient_id:
+            quarantine.append({"source_path": res["rel"], "reason_code": "missing_patient",
+                               "message": f"{Path(res['rel']).name}: empty tag PatientID and no patient_id in "
+                                          "the report row; patient-level splitting needs one"})
+            continue
         seen_sop.add(ident["SOPInstanceUID"])
         used_reports.add(id(row))
-        patient_id = ident["PatientID"] or row.get("patient_id", "")
-        identities[row["_where"]].update(v for v in ident.values() if v)
+        identities[row["_where"]].update(v for k, v in ident.items() if v and k not in _NAME_TAGS)
+        names[row["_where"]].update(ident[k] for k in _NAME_TAGS if ident.get(k))
         identities[row["_where"]].update(v for v in (row.get("patient_id"), row.get("accession_number")) if v)
         accepted.append({"res": res, "row": row, "patient_id": patient_id})
 
@@ -209,7 +222,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
             quarantine.append({"source_path": row["_where"], "reason_code": "missing_image",
                                "message": f"{row['_where']}: no image matches field accession_number"})
             continue
-        clean = deidentify_text(row["report_text"], identities[row["_where"]], audit)
+        clean = deidentify_text(row["report_text"], identities[row["_where"]], audit, names[row["_where"]])
         parsed = reports_mod.parse_sections(clean)
         text = reports_mod.model_text(parsed, options.text_policy)
         rid = pseudo.report(row.get("accession_number") or row.get("study_instance_uid", ""))
@@ -251,13 +264,14 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     qdf = pd.DataFrame(quarantine, columns=["source_path", "reason_code", "message"])
     qdf = qdf.sort_values("source_path", kind="stable")
     qdf.to_csv(tmp / "quarantine.csv", index=False)
-    if len(manifest) + len(qdf[~qdf.source_path.str.startswith("reports.csv")]) != len(image_files):
-        raise errors.MmclinicError("internal accounting error: accepted + quarantined != input files")
+    report_q = qdf.source_path.str.startswith("reports.csv")
+    if len(manifest) + int((~report_q).sum()) != len(image_files) or \
+            len(report_records) + int(report_q.sum()) != n_report_rows:
+        raise errors.MmclinicError("internal accounting error: accepted + quarantined != inputs")
     shards.write_shards(tmp, manifest, reports_df, options.shard_size)
     version = cards.dataset_version(tmp)
     card = cards.write_data_card(
-        tmp, name=out.name, source_format=fmt, n_inputs=len(image_files), n_report_rows=len(report_rows) + sum(
-            1 for q in quarantine if q["source_path"].startswith("reports.csv")),
+        tmp, name=out.name, source_format=fmt, n_inputs=len(image_files), n_report_rows=n_report_rows,
         manifest=manifest, reports=reports_df, quarantine=qdf, audit=audit, options=dataclasses.asdict(options),
         version=version,
     )

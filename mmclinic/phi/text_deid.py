@@ -38,29 +38,42 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
-def _known_pattern(values: Iterable[str]) -> re.Pattern[str] | None:
+def _known_pattern(values: Iterable[str], names: Iterable[str]) -> re.Pattern[str] | None:
+    """One pattern for the identities the archive holds.
+
+    ``values`` (IDs, accession numbers, addresses, institutions) match as whole strings;
+    ``names`` (DICOM PN values such as ``FAMILY^GIVEN``) also match by component, since
+    reports write names in any order. Only whole values and name components are used, so
+    common words inside an address or institution ("Old", "General") are never redacted.
+    """
     parts = set()
     for v in values:
         v = (v or "").strip()
-        if len(v) < 3:
-            continue
-        parts.add(re.escape(v))
-        for piece in re.split(r"[\^\s,]+", v):  # DICOM PN components, "Last, First"
-            if len(piece) >= 3 and not piece.isdigit() or piece.isdigit() and len(piece) >= 5:
+        if len(v) >= 3:
+            parts.add(re.escape(v))
+    for n in names:
+        n = (n or "").strip()
+        if len(n) >= 3:
+            parts.add(re.escape(n))
+        for piece in re.split(r"[\^\s,]+", n):
+            if len(piece) >= 3 and not piece.isdigit():
                 parts.add(re.escape(piece))
     if not parts:
         return None
     return re.compile(r"\b(?:" + "|".join(sorted(parts, key=len, reverse=True)) + r")\b", re.I)
 
 
-def deidentify_text(text: str, known: Iterable[str] = (),
-                    audit: collections.Counter[str] | None = None) -> str:
-    """Replace identifiers in ``text`` by typed placeholders; count replacements in ``audit``."""
+def deidentify_text(text: str, known: Iterable[str] = (), audit: collections.Counter[str] | None = None,
+                    known_names: Iterable[str] = ()) -> str:
+    """Replace identifiers in ``text`` by typed placeholders; count replacements in ``audit``.
+
+    ``known``: whole identifier values of this patient/study; ``known_names``: person names.
+    """
     audit = audit if audit is not None else collections.Counter()
     for name, rx, placeholder in RULES:
         text, n = rx.subn(placeholder, text)
         audit[name] += n
-    pattern = _known_pattern(known)
+    pattern = _known_pattern(known, known_names)
     if pattern is not None:
         text, n = pattern.subn("[REDACTED]", text)
         audit["known_identity"] += n
