@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - never dump a message that may carry input data
+        if args.debug:
+            traceback.print_exc()
+        print(f"mmclinic {args.command}: unexpected {type(exc).__name__}; rerun with --debug for the "
+              "traceback (it may show input data)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

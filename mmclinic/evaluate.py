@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mmclinic import metrics
-from mmclinic.config import ExperimentConfig, load_config
+from mmclinic.config import EvalConfig, ExperimentConfig, config_from_dict, load_config
 from mmclinic.errors import UsageError
 
 MIN_SLICE = 10
@@ -192,17 +192,23 @@ def mismatch_scores(scorer: Scorer, emb: Embedded, pairs: dict[str, Any]) -> np.
     return -scorer.match_logits(emb.image_emb[pairs["img"]], txt)
 
 
-def _figure(stat, n: int, clusters, cfg_boot: int, seed: int) -> dict[str, Any]:
-    value = stat(np.arange(n))
+def _figure(stat, n: int, clusters, n_boot: int, seed: int) -> dict[str, Any]:
     if n < MIN_EVAL:
         return metrics.with_ci(None, None, f"needs at least {MIN_EVAL} items, got {n}")
-    return metrics.with_ci(value, metrics.bootstrap_ci(stat, n, clusters, cfg_boot, seed) if value is not None
-                           else None)
+    value = stat(np.arange(n))
+    if value is None:
+        return metrics.with_ci(None, None)
+    return metrics.with_ci(value, metrics.bootstrap_ci(stat, n, clusters, n_boot, seed) if n_boot else None,
+                           None if n_boot else "bootstrap disabled")
 
 
 def compute_report(scorer: Scorer, data: SplitData, boot: int = 200, seed: int = 0,
-                   threshold: float | None = None) -> dict[str, Any]:
-    """Every figure of REPORT.json for one split."""
+                   threshold: float | None = None, target_sensitivity: float | None = None) -> dict[str, Any]:
+    """Every figure of REPORT.json for one split.
+
+    ``threshold``: an operating point chosen elsewhere (the validation split), reported here.
+    ``target_sensitivity``: also choose the threshold reaching it on this split.
+    """
     if len(data.png) == 0:
         raise UsageError("the evaluation split is empty")
     emb = embed(scorer, data)
@@ -244,6 +250,10 @@ def compute_report(scorer: Scorer, data: SplitData, boot: int = 200, seed: int =
         kind: mm_block((pairs["kind"] == "match") | (pairs["kind"] == kind))
         for kind in ("other_patient", "laterality_swap") if (pairs["kind"] == kind).any()
     }
+    if target_sensitivity is not None:
+        mismatch["threshold_at_target_sensitivity"] = {
+            "target": target_sensitivity,
+            "threshold": metrics.threshold_at_tpr(labels, mscore, target_sensitivity)}
     if threshold is not None:
         flagged = mscore >= threshold
         mismatch["operating_point"] = {
@@ -293,9 +303,26 @@ def operating_threshold(scorer: Scorer, dataset: str | Path, target_sensitivity:
     return metrics.threshold_at_tpr(pairs["kind"] != "match", sc, target_sensitivity)
 
 
+def _target_config(target: Path, is_saved_model: bool) -> tuple[ExperimentConfig | None, dict[str, Any]]:
+    """The config a run or exported model was trained with, and an export's metadata."""
+    if is_saved_model:
+        meta_path = target / "assets.extra" / "mmclinic.json"
+        if not meta_path.is_file():
+            return None, {}
+        meta = json.loads(meta_path.read_text())
+        return config_from_dict(meta.get("config", {})), meta
+    if (target / "config.yaml").is_file():
+        return load_config(target / "config.yaml"), {}
+    return None, {}
+
+
 def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              scorer: Scorer | None = None) -> dict[str, Any]:
-    """Score a run folder or exported model on ``split`` of ``data``; write REPORT.json."""
+    """Score a run folder or exported model on ``split`` of ``data``; write REPORT.json.
+
+    The operating threshold is the exported model's own (chosen on validation data when it
+    was vetted) or, for a run, chosen on the validation split of ``data``.
+    """
     target, data = Path(target), Path(data)
     if not target.exists():
         raise UsageError(f"RUN|MODEL_DIR not found: {target}")
@@ -304,18 +331,18 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test, got {split!r}")
     is_saved_model = (target / "saved_model.pb").is_file()
-    config = None if is_saved_model else load_config(target / "config.yaml") if (target / "config.yaml").is_file() \
-        else None
+    config, export_meta = _target_config(target, is_saved_model)
+    ev = config.eval if config else EvalConfig()
     if scorer is None:
         scorer = SavedModelScorer(target) if is_saved_model else RunScorer(target)
-    boot = config.eval.bootstrap_samples if config else 200
-    seed = config.eval.seed if config else 0
-    target_sens = config.eval.target_sensitivity if config else 0.95
     split_data = load_split(data, split)
     if not split_data.png:
         raise UsageError(f"--split {split}: the split of {data} is empty")
-    threshold = operating_threshold(scorer, data, target_sens, seed) if split != "val" else None
-    report = compute_report(scorer, split_data, boot, seed, threshold)
+    if "mismatch_threshold" in export_meta:
+        threshold = float(export_meta["mismatch_threshold"])
+    else:
+        threshold = operating_threshold(scorer, data, ev.target_sensitivity, ev.seed) if split != "val" else None
+    report = compute_report(scorer, split_data, ev.bootstrap_samples, ev.seed, threshold)
     report["evaluated"] = {"target": target.name, "kind": "saved_model" if is_saved_model else "run",
                            "split": split, "dataset_version": _dataset_version(data)}
     if out is not None:

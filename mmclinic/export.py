@@ -143,7 +143,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     """Vet ``run`` and, when every check passes, write ``MODEL_BASE/NAME/VERSION/``."""
     import tensorflow as tf
 
-    from mmclinic.evaluate import RunScorer, compute_report, load_run_model, load_split, operating_threshold
+    from mmclinic.evaluate import RunScorer, compute_report, load_run_model, load_split
     from mmclinic.phi.guard import DEFAULT_GUARD
 
     run, model_base = Path(run), Path(model_base)
@@ -168,7 +168,8 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     if len(val.png) < 3:
         raise VettingFailed(f"vetting failed: validation split of {data} has {len(val.png)} images, need >= 3")
     scorer = RunScorer(run, model, tokenizer, config)
-    rep = compute_report(scorer, val, boot=0, seed=config.eval.seed)
+    rep = compute_report(scorer, val, boot=0, seed=config.eval.seed,
+                         target_sensitivity=config.eval.target_sensitivity)
     r5 = rep["retrieval"]["image_to_text"]["R@5"]
     auroc = rep["mismatch"]["auroc"]["value"] or 0.0
     need = config.export.min_recall5_over_chance * r5["chance"]
@@ -179,7 +180,9 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     vocab = tokenizer.vocab
     phi_tokens = [t for t in vocab if DEFAULT_GUARD.findings(t)]
     check("vocabulary_phi_scan", not phi_tokens, f"{len(phi_tokens)} vocabulary tokens match PHI rules")
-    threshold = operating_threshold(scorer, data, config.eval.target_sensitivity, config.eval.seed)
+    threshold = rep["mismatch"]["threshold_at_target_sensitivity"]["threshold"]
+    check("operating_threshold", threshold is not None,
+          f"mismatch threshold for sensitivity {config.eval.target_sensitivity} on validation pairs")
 
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-export-"))
     try:
@@ -199,7 +202,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
         check("reload_parity", diff <= config.export.max_reload_difference,
               f"max |SavedModel - Keras| match score difference {diff:.2e} on {k} validation pairs")
         failed = [k for k, c in checks.items() if not c["passed"]]
-        result = {"checks": checks, "threshold": threshold if threshold is not None else 0.0,
+        result = {"checks": checks, "threshold": threshold,
                   "validation": {"image_to_text_R@5": r5["value"], "chance_R@5": r5["chance"],
                                  "text_to_image_R@5": rep["retrieval"]["text_to_image"]["R@5"]["value"],
                                  "mismatch_auroc": auroc}}

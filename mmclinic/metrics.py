@@ -27,14 +27,6 @@ def ranks(scores: np.ndarray, correct: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
-def retrieval_summary(r: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    r = np.asarray(r)
-    out = {f"R@{k}": float(np.mean(r <= k)) for k in ks}
-    out["median_rank"] = float(np.median(r))
-    out["mean_rank"] = float(np.mean(r))
-    return out
-
-
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmclinic.errors import InputError, UsageError
+from mmclinic.errors import InputError, MmclinicError, UsageError
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ def _pairs_from_csv(path: Path) -> tuple[list[str], list[str], list[bytes | None
     for i, row in df.iterrows():
         pair_id = row.get("pair_id") or f"row{i + 2}"
         ids.append(pair_id); rids.append(row.get("report_id", ""))
+        # The model was trained on de-identified text: give it the same kind of input.
         texts.append(deidentify_text(row["report_text"]))
         img_path = Path(row["image_path"])
         if not img_path.is_absolute():
@@ -103,8 +104,11 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
         raise UsageError("give exactly one of --data DATASET or --input CSV")
     model_dir = resolve_model_dir(model_dir)
     info_path = model_dir / "assets.extra" / "mmclinic.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    threshold = float(info.get("mismatch_threshold", 0.0))
+    if not info_path.is_file():
+        raise UsageError(f"MODEL_DIR {model_dir}: no assets.extra/mmclinic.json (its vetted threshold); "
+                         "export the model with `mmclinic export`")
+    info = json.loads(info_path.read_text())
+    threshold = float(info["mismatch_threshold"])
     if data is not None:
         data = Path(data)
         if not data.is_dir():
@@ -136,17 +140,21 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
     run_id = str(uuid.uuid4())
     metadata = sa.MetaData()
     runs_t, scores_t = _tables(metadata)
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(runs_t.insert().values(
-            scoring_run_id=run_id, model_name=info.get("name", model_dir.parent.name),
-            model_version=int(info.get("version", model_dir.name if model_dir.name.isdigit() else 0)),
-            threshold=threshold, source=source, pairs=len(ids), flagged=int(flagged.sum()),
-            failed=int(sum(e is not None for e in errs)), created_at=dt.datetime.now(dt.timezone.utc)))
-        conn.execute(scores_t.insert(), [
-            {"scoring_run_id": run_id, "pair_id": ids[i], "report_id": rids[i],
-             "match_score": None if np.isnan(match[i]) else float(match[i]),
-             "mismatch_score": None if np.isnan(mismatch[i]) else float(mismatch[i]),
-             "flagged": bool(flagged[i]), "error": errs[i]} for i in range(len(ids))])
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(runs_t.insert().values(
+                scoring_run_id=run_id, model_name=info.get("name", model_dir.parent.name),
+                model_version=int(info.get("version", model_dir.name if model_dir.name.isdigit() else 0)),
+                threshold=threshold, source=source, pairs=len(ids), flagged=int(flagged.sum()),
+                failed=int(sum(e is not None for e in errs)), created_at=dt.datetime.now(dt.timezone.utc)))
+            conn.execute(scores_t.insert(), [
+                {"scoring_run_id": run_id, "pair_id": ids[i], "report_id": rids[i],
+                 "match_score": None if np.isnan(match[i]) else float(match[i]),
+                 "mismatch_score": None if np.isnan(mismatch[i]) else float(mismatch[i]),
+                 "flagged": bool(flagged[i]), "error": errs[i]} for i in range(len(ids))])
+    except sa.exc.SQLAlchemyError as exc:
+        # The driver's message can echo the URL (with a password) or row values: name the type only.
+        raise MmclinicError(f"--db: cannot write the scores ({type(exc).__name__})") from None
     return ScoreResult(scoring_run_id=run_id, pairs=len(ids), flagged=int(flagged.sum()),
                        failed=int(sum(e is not None for e in errs)), db=db)

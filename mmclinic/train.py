@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,14 +191,16 @@ def train(config: ExperimentConfig, data: str | Path, workdir: str | Path, *, qu
         out = strategy.run(step_fn, args=(dist_batch,))
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in out.items()}
 
+    try:
+        val = load_split(data, "val")
+    except UsageError:
+        val = None
+    val_scorer = RunScorer(workdir, model, tokenizer, config) if val is not None and len(val.png) >= 3 else None
+
     def validate(step: int) -> dict[str, float]:
-        try:
-            val = load_split(data, "val")
-        except UsageError:
+        if val_scorer is None:
             return {}
-        if len(val.png) < 3:
-            return {}
-        rep = compute_report(RunScorer(workdir, model, tokenizer, config), val, boot=0, seed=0)
+        rep = compute_report(val_scorer, val, boot=0, seed=0)
         flat = {f"val.{k}": v for k, v in headline(rep).items()
                 if k in ("image_to_text.R@1", "image_to_text.R@5", "text_to_image.R@5", "mismatch.auroc")}
         scalars.write(flat, step)
@@ -218,13 +218,16 @@ def train(config: ExperimentConfig, data: str | Path, workdir: str | Path, *, qu
             batch = next(dist_ds)
             out = train_step({k: batch[k] for k in keys})
             step_var.assign(step)
-            if step % tc.log_every == 0 or step == tc.steps:
+            log_now = step % tc.log_every == 0 or step == tc.steps
+            save_now = step % tc.checkpoint_every == 0 or step == tc.steps
+            if log_now or save_now:  # never checkpoint weights from a diverged step
                 vals = {k: float(v.numpy()) for k, v in out.items()}
                 if not all(np.isfinite(v) for v in vals.values()) or vals["loss"] > 1e4:
                     raise MmclinicError(
                         f"loss became {vals['loss']} at step {step}; stopped. The last good checkpoint "
                         f"({manager.latest_checkpoint or 'none'}) is kept.")
                 last_loss = vals["loss"]
+            if log_now:
                 vals["temperature"] = float(np.exp(-model.logit_scale.numpy()))
                 vals["learning_rate"] = float(np.asarray(optimizer.learning_rate))
                 scalars.write({f"train/{k}": v for k, v in vals.items()}, step)
@@ -235,18 +238,15 @@ def train(config: ExperimentConfig, data: str | Path, workdir: str | Path, *, qu
                     print(f"step {step}/{tc.steps}  loss {vals['loss']:.4f}  contrastive {vals['contrastive']:.4f}  "
                           f"match {vals['match']:.4f}  T {vals['temperature']:.4f}  "
                           f"{rate * global_batch:.1f} ex/s  ETA {eta:.0f}s", flush=True)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
+            if save_now:
                 manager.save(checkpoint_number=step)
                 _update_run_json(workdir, step=step)
             if step % tc.eval_every == 0 or step == tc.steps:
                 val_metrics = validate(step)
                 if val_metrics and not quiet:
                     print("  validation: " + "  ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()), flush=True)
-        if manager.latest_checkpoint is None or int(step_var.numpy()) > int(
-                manager.latest_checkpoint.rsplit("-", 1)[-1]):
-            manager.save(checkpoint_number=int(step_var.numpy()))
-        _update_run_json(workdir, step=int(step_var.numpy()))
-        _write_projector(workdir, data, model, tokenizer, config, write_projector)
+        if val_scorer is not None and start < tc.steps:
+            _write_projector(workdir, val, val_scorer, write_projector)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -259,20 +259,12 @@ def train(config: ExperimentConfig, data: str | Path, workdir: str | Path, *, qu
                        mlflow_run_id=mlrun.run_id, val_metrics=val_metrics)
 
 
-def _write_projector(workdir: Path, data: Path, model, tokenizer, config, write_projector) -> None:
+def _write_projector(workdir: Path, val, scorer, write_projector) -> None:
     """Validation embeddings (images and reports) with de-identified metadata and thumbnails."""
     import tensorflow as tf
 
     from mmclinic.data.preprocess import decode_image
-    from mmclinic.evaluate import RunScorer, load_split
 
-    try:
-        val = load_split(data, "val")
-    except UsageError:
-        return
-    if not val.png:
-        return
-    scorer = RunScorer(workdir, model, tokenizer, config)
     img = scorer.embed_images(val.png)
     txt = scorer.embed_texts(val.texts)
     thumbs = np.stack([decode_image(tf.constant(p), 32).numpy()[..., 0] for p in val.png])
@@ -290,6 +282,3 @@ def train_from_file(experiment: str | Path, data: str | Path, workdir: str | Pat
         workdir = Path("runs") / f"{config.name}-{config.hash()[:8]}"
     return train(config, data, workdir, quiet=quiet)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `mmclinic train`")

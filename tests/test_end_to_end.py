@@ -5,7 +5,6 @@ import sqlite3
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from mmclinic.config import load_config
@@ -93,7 +92,7 @@ def test_interrupted_run_resumes_at_its_step(dataset, tmp_path):
     assert list((run / "checkpoints").glob("ckpt-10*"))
 
 
-def test_evaluate_export_load_elsewhere_and_score(trained_run, dataset, tmp_path):
+def test_evaluate_export_load_elsewhere_and_score(trained_run, dataset, synth_source, tmp_path):
     from mmclinic.evaluate import evaluate
     from mmclinic.export import export
     from mmclinic.scoring import score
@@ -136,6 +135,23 @@ print("OK", s.tolist())
         n, = conn.execute("select count(*) from pair_scores where scoring_run_id = ?", (s.scoring_run_id,)).fetchone()
         vals = [r[0] for r in conn.execute("select match_score from pair_scores")]
     assert n == s.pairs > 0 and all(0 <= v <= 1 for v in vals)
+
+    # The same model scores a CSV of raw files: a DICOM from the archive and an unreadable file.
+    dcm = sorted((synth_source / "dicom").rglob("*.dcm"))[0]
+    rows = ["image_path,report_text,pair_id", f"{png},Left pleural effusion.,p1", "missing.png,Normal.,p2",
+            f"{dcm},No acute cardiopulmonary process.,p3"]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    c = score(result.path, input_csv=tmp_path / "pairs.csv", db=f"sqlite:///{db}")
+    with sqlite3.connect(db) as conn:
+        got = dict(conn.execute("select pair_id, error from pair_scores where scoring_run_id = ?",
+                                (c.scoring_run_id,)).fetchall())
+    assert got["p1"] is None and got["p3"] is None and got["p2"] == "missing_image" and c.failed == 1
+
+    # Evaluation figures reached the run's MLflow record.
+    import mlflow
+
+    metrics = mlflow.MlflowClient().get_run((trained_run / "mlflow_run_id").read_text().strip()).data.metrics
+    assert "eval.test.image_to_text.R_at_5" in metrics
 
 
 def test_export_refuses_an_unvetted_run(dataset, tmp_path):

@@ -74,7 +74,7 @@ def test_rerun_same_key_reproduces_dataset(synth_source, tmp_path):
     assert a.version == b.version
     ma, mb = (pd.read_parquet(p / "manifest.parquet") for p in (tmp_path / "a", tmp_path / "b"))
     pd.testing.assert_frame_equal(ma, mb)
-    c = ingest(synth_source, tmp_path / "c", "dicom", tmp_path / "other-key", IngestOptions(max_side=64))
+    ingest(synth_source, tmp_path / "c", "dicom", tmp_path / "other-key", IngestOptions(max_side=64))
     assert set(pd.read_parquet(tmp_path / "c" / "manifest.parquet")["patient_key"]).isdisjoint(set(ma["patient_key"]))
 
 

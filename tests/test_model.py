@@ -51,3 +51,13 @@ def test_missing_image_weights_is_an_error_naming_the_path():
 
     with pytest.raises(UsageError, match="/no/such/weights.h5"):
         DualEncoder(image_size=32, vocab_size=50, max_length=12, image_weights="/no/such/weights.h5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tower", ["efficientnetb0", "resnet50", "densenet121"])
+def test_applications_towers_build_from_scratch_on_grayscale(tower):
+    from mmclinic.models.towers import build_image_tower
+
+    m = build_image_tower(tower, 32, (), None)
+    out = m(np.zeros((2, 32, 32, 1), "float32"))
+    assert out.shape[0] == 2 and out.shape[1] > 0

@@ -270,7 +270,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
         raise errors.MmclinicError("internal accounting error: accepted + quarantined != inputs")
     shards.write_shards(tmp, manifest, reports_df, options.shard_size)
     version = cards.dataset_version(tmp)
-    card = cards.write_data_card(
+    cards.write_data_card(
         tmp, name=out.name, source_format=fmt, n_inputs=len(image_files), n_report_rows=n_report_rows,
         manifest=manifest, reports=reports_df, quarantine=qdf, audit=audit, options=dataclasses.asdict(options),
         version=version,

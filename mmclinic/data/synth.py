@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 from pathlib import Path
 
@@ -79,6 +80,8 @@ class Study:
     date: dt.date
     views: list[str]
     findings: list[Finding]
+    referring: str = ""
+    prior_date: dt.date | None = None
     report: str = ""
 
 
@@ -261,7 +264,7 @@ def _finding_sentence(f: Finding, rng: np.random.Generator, uncertain: bool) -> 
         word = "nodule" if f.name == "nodule" else "mass"
         if uncertain:
             return f"Questionable {side} {zone} zone {word}; consider CT for further evaluation."
-        return _pick(rng, [f"{'A' if word == 'nodule' else 'A'} {side} {zone} zone {word} is noted.",
+        return _pick(rng, [f"A {side} {zone} zone {word} is noted.",
                            f"There is a {'rounded' if word == 'nodule' else 'large'} {word} in the {side} {zone} lung zone.",
                            f"{word.capitalize()} projecting over the {side} {zone} zone."])
     if f.name == "consolidation":
@@ -311,14 +314,14 @@ def write_report(study: Study, rng: np.random.Generator) -> str:
     lines = [f"EXAM: Chest radiograph, {exam}."]
     lines.append(_pick(rng, [f"HISTORY: {age}-year-old {p['sex_word']} with {_pick(rng, ['cough', 'shortness of breath', 'chest pain', 'fever', 'follow-up'])}.",
                              f"INDICATION: {_pick(rng, ['Dyspnea', 'Cough', 'Preoperative evaluation', 'Line placement'])}."]))
-    if study.index > 0 and rng.random() < 0.7:
-        lines.append(f"COMPARISON: {study.prior_date.strftime('%m/%d/%Y')}.")  # type: ignore[attr-defined]
+    if study.prior_date is not None and rng.random() < 0.7:
+        lines.append(f"COMPARISON: {study.prior_date.strftime('%m/%d/%Y')}.")
     sentences = [_finding_sentence(f, rng, uncertain and i == 0) for i, f in enumerate(study.findings)]
     sentences += _negative_sentences(present, rng)
     if rng.random() < 0.5:
         sentences.append(_pick(rng, ["Osseous structures are intact.", "No acute osseous abnormality."]))
     lines.append("FINDINGS: " + " ".join(sentences))
-    positives = [s for s in sentences[: len(study.findings)]]
+    positives = sentences[: len(study.findings)]
     if positives:
         imp = " ".join(f"{i + 1}. {s}" for i, s in enumerate(positives))
     else:
@@ -396,8 +399,6 @@ def _make_patient(rng: np.random.Generator, i: int) -> dict:
 
 
 def _uid(seed: int, *parts: object) -> str:
-    import hashlib
-
     digest = hashlib.sha256((f"{seed}:" + ":".join(map(str, parts))).encode()).digest()
     return UID_ROOT + str(int.from_bytes(digest[:12], "big"))
 
@@ -417,8 +418,8 @@ def make_studies(patients: int, seed: int) -> list[Study]:
                 study_uid=_uid(seed, i, k), date=day, views=views,
                 findings=_sample_findings(rng, p["inpatient"]),
             )
-            s.referring = f"{_pick(rng, _FIRST_M + _FIRST_F)} {_pick(rng, _LAST)}"  # type: ignore[attr-defined]
-            s.prior_date = prior  # type: ignore[attr-defined]
+            s.referring = f"{_pick(rng, _FIRST_M + _FIRST_F)} {_pick(rng, _LAST)}"
+            s.prior_date = prior
             s.report = write_report(s, rng)
             studies.append(s)
             prior = day
@@ -482,7 +483,7 @@ def to_dicom_bytes(study: Study, view: int, pixels01: np.ndarray, seed: int, mon
     ds.PatientTelephoneNumbers = p["phone"]
     ds.InstitutionName = p["institution"]
     ds.InstitutionAddress = p["institution_address"]
-    ds.ReferringPhysicianName = "^".join(reversed(study.referring.split(" ")))  # type: ignore[attr-defined]
+    ds.ReferringPhysicianName = "^".join(reversed(study.referring.split(" ")))
     ds.PerformingPhysicianName = f"{_LAST[(study.index + view) % len(_LAST)]}^Morgan"
     ds.OperatorsName = f"{_LAST[(study.index + 3) % len(_LAST)]}^Jordan"
     ds.StationName = f"XR-{p['institution'][:3].upper()}-0{view + 1}"

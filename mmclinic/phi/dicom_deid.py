@@ -64,10 +64,6 @@ class Pseudonymizer:
     def report(self, accession: str) -> str:
         return self.token("report", accession, "R")
 
-    def uid(self, uid: str) -> str:
-        """A replacement DICOM UID under the 2.25 (UUID-derived) root."""
-        return "2.25." + str(int.from_bytes(self.digest("uid", uid)[:16], "big"))
-
     def unit_interval(self, kind: str, value: str) -> float:
         """A keyed, uniform number in [0, 1): used for splits."""
         return int.from_bytes(self.digest(kind, value)[:8], "big") / 2**64
