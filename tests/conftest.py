@@ -45,7 +45,8 @@ def trained_run(dataset, tmp_path_factory) -> Path:
 
     cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=200", "train.checkpoint_every=50",
                                                             "train.eval_every=200", "train.log_every=50",
-                                                            "export.min_recall5_over_chance=1.0"])
+                                                            "export.min_recall5_over_chance=1.0",
+                                                            "data.deterministic=true"])
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train(cfg, dataset, run, quiet=True)
     return run
