@@ -13,10 +13,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _mlflow_store(tmp_path_factory):
+def _isolated_session(tmp_path_factory):
+    """MLflow store and working directory in a temporary folder: tests never write into the
+    repository (ingest copies data cards into ./data_cards when run from the repository root)."""
     store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
+    os.chdir(before)
 
 
 @pytest.fixture(scope="session")

@@ -81,3 +81,16 @@ def test_rerun_same_key_reproduces_dataset(synth_source, tmp_path):
 def test_missing_source_is_usage_error(tmp_path):
     with pytest.raises(UsageError, match="SOURCE"):
         ingest(tmp_path / "nope", tmp_path / "out")
+
+
+def test_data_card_copied_into_repository_only_from_its_root(synth_source, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "data_cards").mkdir(parents=True)
+    (repo / "mmclinic").mkdir()
+    (repo / "mmclinic" / "__init__.py").write_text("")
+    monkeypatch.chdir(repo)
+    ingest(synth_source, tmp_path / "cardtest", "dicom", tmp_path / "k", IngestOptions(max_side=32))
+    assert (repo / "data_cards" / "cardtest.md").read_text() == (tmp_path / "cardtest" / "data_card.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    ingest(synth_source, tmp_path / "other", "dicom", tmp_path / "k", IngestOptions(max_side=32))
+    assert not (repo / "data_cards" / "other.md").exists()
