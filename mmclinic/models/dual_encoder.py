@@ -43,6 +43,10 @@ class DualEncoder(keras.Model):
         self.logit_scale = self.add_weight(
             name="logit_scale", shape=(), initializer=keras.initializers.Constant(math.log(1 / init_temperature)))
         self.logit_bias = self.add_weight(name="logit_bias", shape=(), initializer=keras.initializers.Constant(-10.0))
+        # The match logit starts from the (affinely rescaled) cosine similarity that contrastive
+        # training shapes, and the head learns what similarity misses (e.g. swapped sides).
+        self.match_scale = self.add_weight(name="match_scale", shape=(), initializer=keras.initializers.Constant(10.0))
+        self.match_shift = self.add_weight(name="match_shift", shape=(), initializer=keras.initializers.Constant(-2.0))
         self.image_size = image_size
         self.max_length = max_length
 
@@ -60,8 +64,10 @@ class DualEncoder(keras.Model):
 
     def match_logits(self, image_emb: Any, text_emb: Any) -> Any:
         """(B, D), (B, D) -> (B,) logit that the report belongs with the image."""
+        cosine = ops.sum(image_emb * text_emb, axis=-1)
         feats = ops.concatenate([image_emb * text_emb, ops.abs(image_emb - text_emb)], axis=-1)
-        return ops.squeeze(self.match_out(self.match_hidden(feats)), -1)
+        head = ops.squeeze(self.match_out(self.match_hidden(feats)), -1)
+        return self.match_scale * cosine + self.match_shift + head
 
     def call(self, inputs: dict[str, Any], training: bool = False) -> dict[str, Any]:
         out = {}
