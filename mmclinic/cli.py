@@ -31,6 +31,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-side", type=int, default=512, help="longest side of stored images")
     s.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
     s.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test fractions")
+    s.add_argument("--split-policy", default="hash", choices=["hash", "source"],
+                   help="hash: keyed hash of the patient; source: the source's own split where it has one")
+    s.add_argument("--text-policy", choices=["findings", "impression", "both", "longest", "caption",
+                                             "caption+findings"],
+                   help="report text the model sees (default: both; caption for medpix2)")
+    s.add_argument("--frame-policy", default="first", choices=["first", "middle", "all", "reject"],
+                   help="multi-frame DICOM handling")
+    s.add_argument("--burned-in", default="keep", choices=["keep", "quarantine"],
+                   help="files declaring BurnedInAnnotation YES: keep with a flag, or quarantine")
+    s.add_argument("--unpaired", default="quarantine", choices=["quarantine", "keep"],
+                   help="reports without images and images without reports")
+    s.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="time box for decoding one file")
+    s.add_argument("--near-duplicate-bits", type=int, default=20, metavar="N",
+                   help="256-bit perceptual-hash distance within which images are near-duplicates (-1: off)")
+    s.add_argument("--write-dicom", action="store_true",
+                   help="also write de-identified DICOM copies (PS3.15 Annex E) to DATASET/dicom/")
+    s.add_argument("--csv-columns", metavar="IMAGE,TEXT,PATIENT[,STUDY[,SPLIT]]",
+                   help="column names for --format csv (default image_path,report_text,patient_id,study_id)")
+    s.add_argument("--image-dir", metavar="DIR", help="iu-xray: image folder inside SOURCE")
 
     s = sub.add_parser("train", help="train the dual-tower model (same workdir resumes)")
     s.add_argument("experiment", metavar="EXPERIMENT.yaml")
@@ -82,8 +102,20 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--split-ratios expects three numbers, got {args.split_ratios!r}") from None
         if len(ratios) != 3:
             raise UsageError(f"--split-ratios expects three numbers, got {args.split_ratios!r}")
+        from mmclinic.data.sources import CsvColumns
+
+        columns = CsvColumns()
+        if args.csv_columns:
+            names = [x.strip() for x in args.csv_columns.split(",")]
+            if not 3 <= len(names) <= 5 or not all(names[:3]):
+                raise UsageError(f"--csv-columns expects IMAGE,TEXT,PATIENT[,STUDY[,SPLIT]], got {args.csv_columns!r}")
+            columns = CsvColumns(*names)
         r = ingest(args.source, args.out, args.format, args.deid_key_file,
-                   IngestOptions(split_ratios=ratios, max_side=args.max_side, workers=args.workers))
+                   IngestOptions(split_ratios=ratios, max_side=args.max_side, workers=args.workers,
+                                 split_policy=args.split_policy, text_policy=args.text_policy,
+                                 frame_policy=args.frame_policy, burned_in=args.burned_in, unpaired=args.unpaired,
+                                 decode_timeout=args.decode_timeout, near_duplicate_bits=args.near_duplicate_bits,
+                                 write_dicom=args.write_dicom, csv_columns=columns, image_dir=args.image_dir))
         print(f"dataset {r.dataset} (version {r.version}): {r.accepted} images accepted, {r.quarantined} "
               f"quarantined, {r.reports} reports; splits {r.splits}")
     elif args.command == "train":

@@ -36,62 +36,98 @@ def _dist(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.fillna("unknown").replace("", "unknown").value_counts().items()}
 
 
-def write_data_card(dataset: Path, *, name: str, source_format: str, n_inputs: int, n_report_rows: int,
+SECTIONS = ("findings", "impression", "indication", "comparison", "history", "caption")
+
+
+def section_coverage(reports: pd.DataFrame) -> dict[str, float]:
+    """Fraction of accepted reports with a non-empty section, per section."""
+    if not len(reports):
+        return {}
+    return {k: round(float((reports[k].fillna("").str.strip() != "").mean()), 4)
+            for k in SECTIONS if k in reports and (reports[k].fillna("") != "").any()}
+
+
+def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[str, int],
                     manifest: pd.DataFrame, reports: pd.DataFrame, quarantine: pd.DataFrame,
-                    audit: collections.Counter[str], options: dict[str, Any], version: str) -> Path:
+                    audit: collections.Counter[str], options: dict[str, Any], version: str,
+                    tables: list[str] | None = None, notes: list[str] | None = None,
+                    duplicates: dict[str, int] | None = None, unpaired_images: int = 0) -> Path:
     by_split = {}
     for split in ("train", "val", "test"):
         rows = manifest[manifest["split"] == split]
         by_split[split] = {"patients": int(rows["patient_key"].nunique()), "studies": int(rows["study_key"].nunique()),
                            "images": int(len(rows)), "reports": int(rows["report_id"].nunique())}
+    annex_e = None
+    if options.get("write_dicom"):
+        from mmclinic.phi.annex_e import PROFILE
+
+        annex_e = PROFILE
     front = {
         "name": name,
         "dataset_version": version,
         "created": dt.date.today().isoformat(),
         "source_format": source_format,
+        "source_tables": list(tables or []),
         "counts": {
-            "input_files": n_inputs,
-            "report_rows": n_report_rows,
-            "images_accepted": int(len(manifest)),
-            "reports_accepted": int(len(reports)),
+            # After each step: what the source held, what decoded, what paired, what was accepted.
+            **flow,
+            "report_rows": flow.get("report_inputs", 0),
+            "image_rows": int(len(manifest)),
+            "unpaired_images_kept": unpaired_images,
             "quarantined": int(len(quarantine)),
             "quarantined_by_reason": _dist(quarantine["reason_code"]) if len(quarantine) else {},
+            "burned_in_flagged": int(manifest["burned_in"].sum()) if "burned_in" in manifest else 0,
         },
         "splits": by_split,
         "distributions": {k: _dist(manifest[k]) for k in ("modality", "view", "sex", "age_band", "manufacturer",
-                                                           "photometric")},
+                                                           "photometric", "laterality") if k in manifest},
+        "report_sections": {"text_policy": options.get("text_policy"), "coverage": section_coverage(reports)},
         "deidentification": {
             "identifiers": "keyed HMAC-SHA256 pseudonyms (patient, study, image, report)",
             "dates": "not stored; a per-patient shift in [-365, -1] days is recorded",
             "ages": "decade bands, 90 and over grouped",
-            "dicom_headers": "not copied: only modality, view, laterality, body part, manufacturer, "
-                             "photometric interpretation, pixel spacing, sex and age band are kept",
+            "dicom_headers": "not copied into the manifest: only modality, view, laterality, body part, "
+                             "manufacturer, photometric interpretation, sex and age band are kept",
+            "dicom_copies": annex_e or "not written (use --write-dicom for Annex E de-identified copies)",
+            "burned_in_annotation": f"policy {options.get('burned_in')}: files declaring BurnedInAnnotation "
+                                    "(0028,0301) YES are " + ("quarantined" if options.get("burned_in") ==
+                                                              "quarantine" else "kept and flagged (burned_in)"),
             "report_text": "archive identities removed, then pattern rules (typed placeholders)",
             "text_replacements_by_rule": {k: int(v) for k, v in sorted(audit.items()) if v},
         },
-        "split_policy": {"unit": "patient", "method": "keyed hash of the patient pseudonym",
+        "split_policy": {"unit": "patient", "policy": options.get("split_policy", "hash"),
+                         "method": "keyed hash of the patient pseudonym" if options.get("split_policy", "hash") ==
+                         "hash" else "the source's own split; its train part split into train/val by keyed hash",
                          "ratios": list(options["split_ratios"]),
-                         "duplicates": "patients sharing an identical image share a split"},
-        "options": {k: v for k, v in options.items() if k != "split_ratios"},
+                         "duplicates": "patients sharing an identical (sha256) or near-identical image (256-bit "
+                                       f"perceptual hash within {options.get('near_duplicate_bits')} bits) share a "
+                                       "split",
+                         **(duplicates or {})},
+        "options": {k: (v if not isinstance(v, dict) else dict(v)) for k, v in options.items()
+                    if k != "split_ratios"},
         "manifest_sha256": file_sha256(dataset / "manifest.parquet"),
     }
+    limitations = [
+        "Report de-identification is rule-based plus the identities held in the archive's own headers and "
+        "tables; free-text names that appear in neither can survive. Review before sharing outside the team.",
+        "Burned-in annotation in pixels is not detected beyond the DICOM `BurnedInAnnotation` tag.",
+        "Splits are by patient; with few patients a split can be small or empty (counts above).",
+        *(notes or []),
+    ]
     body = f"""
 # Data card: {name}
 
-Built by `mmclinic ingest` from a `{source_format}` source. {len(manifest)} images of
-{manifest['patient_key'].nunique()} patients were accepted; {len(quarantine)} inputs were quarantined
-(see `quarantine.csv`, one row per input with its reason).
+Built by `mmclinic ingest` from a `{source_format}` source. {flow.get('images_accepted', len(manifest))} of
+{flow.get('image_inputs', 0)} image inputs and {flow.get('reports_accepted', len(reports))} of
+{flow.get('report_inputs', 0)} reports were accepted ({manifest['patient_key'].nunique()} patients);
+{len(quarantine)} inputs were quarantined (see `quarantine.csv`, one row per input with its reason).
 
 ## Intended use
 Research on image-report retrieval, mismatch detection and zero-shot classification. Not for
 clinical decisions.
 
 ## Known limitations
-- Report de-identification is rule-based plus the identities held in the archive's own headers;
-  free-text names that appear in neither can survive. Review before sharing outside the team.
-- Burned-in annotation in pixels is not detected beyond the DICOM `BurnedInAnnotation` tag.
-- Splits are by patient; with few patients a split can be small or empty (counts above).
-"""
+""" + "".join(f"- {x}\n" for x in limitations)
     path = dataset / "data_card.md"
     path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
     return path

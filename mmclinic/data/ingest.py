@@ -1,18 +1,17 @@
-"""``mmclinic ingest``: a DICOM tree plus a reports table to a de-identified dataset folder.
+"""``mmclinic ingest``: a source archive to a de-identified, split, sharded dataset folder.
 
-Every input file ends in the manifest or in ``quarantine.csv`` with a reason. The
-identities read from DICOM headers and the reports table stay in memory: they
-are used to pair images with reports and to scrub the report text, and only
-keyed pseudonyms are written.
+Every input ends in the dataset or in ``quarantine.csv`` with a reason: the source
+adapters (:mod:`mmclinic.data.sources`) list images and reports, a pool of worker
+processes decodes the images under a time box, and the common steps below pair,
+de-identify, group duplicates, split by patient and write. The identities read from
+DICOM headers and source tables stay in memory: they pair images with reports and
+scrub the report text, and only keyed pseudonyms are written.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
-import csv
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -23,31 +22,57 @@ import pandas as pd
 
 from mmclinic import errors
 from mmclinic.data import cards, reports as reports_mod, shards, splits
-from mmclinic.data.images import decode_dicom, open_dicom, to_png_bytes
+from mmclinic.data.decode_pool import NAME_TAGS, DecodeSettings, decode_all
+from mmclinic.data.sources import FORMATS, SCANNERS, CsvColumns, ImageJob, ReportRow, detect_format
 from mmclinic.phi.dicom_deid import Pseudonymizer, load_or_create_key
 from mmclinic.phi.text_deid import deidentify_text
 
-FORMATS = ("auto", "dicom", "medpix2", "iu-xray", "mimic-cxr", "csv")
+__all__ = ["FORMATS", "IngestOptions", "IngestSummary", "detect_format", "ingest"]
+
 MANIFEST_COLUMNS = [
     "image_id", "patient_key", "study_key", "report_id", "split", "modality", "view", "laterality",
     "source_format", "image_sha256", "path", "photometric", "sex", "age_band", "manufacturer",
-    "body_part", "rows", "columns", "date_shift_days",
+    "body_part", "rows", "columns", "date_shift_days", "source", "labels", "burned_in", "phash", "dup_group",
+    "frame",
 ]
-_NAME_TAGS = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName")
-_IDENTITY_TAGS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers",
-                  "InstitutionName", "InstitutionAddress", *_NAME_TAGS)
+REPORT_COLUMNS = ["report_id", "patient_key", "split", "findings", "impression", "indication", "comparison",
+                  "history", "caption", "text"]
+QUARANTINE_COLUMNS = ["source_path", "reason_code", "message", "kind"]
+SPLIT_POLICIES = ("hash", "source")
+TEXT_POLICIES = (*reports_mod.TEXT_POLICIES, "caption", "caption+findings")
 
 
 @dataclasses.dataclass(frozen=True)
 class IngestOptions:
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_policy: str = "hash"
+    """``hash``: keyed hash of the patient; ``source``: the source's own split where it has one
+    (MedPix 2.0 train -> train/val by keyed hash, dev -> test)."""
     max_side: int = 512
     """Longest side of the stored, display-ready image."""
-    text_policy: str = "both"
+    text_policy: str | None = None
+    """findings / impression / both / longest / caption / caption+findings; None: the source's default."""
     workers: int = 0
     """Decoding processes; 0 means one per CPU core."""
     shard_size: int = 256
     frame_policy: str = "first"
+    """Multi-frame DICOM: first / middle / all (one image per frame) / reject."""
+    decode_timeout: float | None = 120.0
+    """Seconds one file may take to decode before it is quarantined (``decode_timeout``)."""
+    pixel_budget: int = 1 << 30
+    """Bytes of decoded pixel data one file may need, checked from the header before decoding."""
+    burned_in: str = "keep"
+    """Files declaring burned-in annotation: ``keep`` (flagged in the manifest) or ``quarantine``."""
+    unpaired: str = "quarantine"
+    """``quarantine`` or ``keep``: reports without an image stay in reports.parquet, images without a report
+    go to unpaired_images.parquet."""
+    near_duplicate_bits: int = 20
+    """Images whose 256-bit perceptual hashes differ in at most this many bits share a split; -1 turns it off."""
+    write_dicom: bool = False
+    """Also write a de-identified DICOM copy (PS3.15 Annex E) of every accepted DICOM file to DATASET/dicom/."""
+    csv_columns: CsvColumns = CsvColumns()
+    image_dir: str | None = None
+    """iu-xray: the image folder inside SOURCE (default: the first of images/, images_normalized/)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,220 +85,260 @@ class IngestSummary:
     version: str
 
 
-def detect_format(source: Path) -> str:
-    """Guess the source layout from the files it holds."""
-    if (source / "reports.csv").is_file() and any(source.rglob("*.dcm")):
-        return "dicom"
-    if (source / "splitted_dataset").is_dir() or any(source.glob("descriptions_*.jsonl")):
-        return "medpix2"
-    if (source / "indiana_reports.csv").is_file():
-        return "iu-xray"
-    raise errors.UsageError(
-        f"SOURCE {source}: cannot detect its format; pass --format (one of {', '.join(FORMATS[1:])})"
-    )
-
-
-def _read_one_dicom(args: tuple[str, str, int, str]) -> dict[str, Any]:
-    """Worker: one header read gives identities and pixels; pixels -> a PNG. Runs in a pool."""
-    path, rel, max_side, frame_policy = args
-    try:
-        ds = open_dicom(path)
-        ident = {k: str(ds.get(k, "") or "") for k in (*_IDENTITY_TAGS, "StudyInstanceUID", "SOPInstanceUID")}
-        if not ident["SOPInstanceUID"]:
-            raise errors.UnsupportedPixelFormat(f"{Path(path).name}: missing tag SOPInstanceUID (0008,0018)")
-        rec = decode_dicom(ds, path, frame_policy=frame_policy)
-        png = to_png_bytes(rec.pixels, max_side)
-        return {"ok": True, "rel": rel, "meta": rec.meta, "ident": ident, "png": png}
-    except errors.InputError as exc:
-        return {"ok": False, "rel": rel, "reason": exc.reason_code, "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is one quarantined file
-        return {"ok": False, "rel": rel, "reason": "corrupt_image",
-                "message": f"{Path(path).name}: cannot be read ({type(exc).__name__})"}
-
-
-def _read_reports_csv(path: Path, quarantine: list[dict[str, str]], rel_name: str) -> list[dict[str, str]]:
-    required = ["accession_number", "report_text"]
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise errors.UsageError(f"{rel_name}: not UTF-8 text (byte {exc.start})") from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
-    if missing:
-        raise errors.UsageError(f"{rel_name}: missing column(s) {', '.join(missing)}")
-    rows = []
-    for i, row in enumerate(reader, start=2):
-        where = f"{rel_name}:{i}"
-        if not (row.get("accession_number") or row.get("study_instance_uid")):
-            quarantine.append({"source_path": where, "reason_code": "bad_input",
-                               "message": f"{where}: empty field accession_number"})
-            continue
-        if not (row.get("report_text") or "").strip():
-            quarantine.append({"source_path": where, "reason_code": "empty_report",
-                               "message": f"{where}: empty field report_text"})
-            continue
-        row["_where"] = where
-        rows.append(row)
-    return rows
-
-
 def _default_key_file(dataset: Path) -> Path:
     return dataset.parent / f"{dataset.name}.deid-key"
+
+
+def _check_options(o: IngestOptions) -> None:
+    checks = [
+        (o.split_policy in SPLIT_POLICIES, f"--split-policy must be one of {', '.join(SPLIT_POLICIES)}"),
+        (o.text_policy is None or o.text_policy in TEXT_POLICIES,
+         f"--text-policy must be one of {', '.join(TEXT_POLICIES)}"),
+        (o.frame_policy in ("first", "middle", "all", "reject"), "--frame-policy must be first, middle, all or reject"),
+        (o.burned_in in ("keep", "quarantine"), "--burned-in must be keep or quarantine"),
+        (o.unpaired in ("keep", "quarantine"), "--unpaired must be keep or quarantine"),
+        (o.max_side >= 16, "--max-side must be at least 16"),
+        (o.decode_timeout is None or o.decode_timeout > 0, "--decode-timeout must be positive"),
+        (o.shard_size >= 1, "shard size must be at least 1"),
+        (-1 <= o.near_duplicate_bits <= 64, "--near-duplicate-bits must be in [-1, 64]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise errors.UsageError(message)
+
+
+def _model_text(sections: dict[str, str], policy: str) -> str:
+    caption, findings = sections.get("caption", ""), sections.get("findings", "")
+    if policy == "caption":
+        return caption or findings or sections.get("impression", "")
+    if policy == "caption+findings":
+        return " ".join(x for x in (caption, findings) if x) or sections.get("impression", "")
+    parsed = reports_mod.ParsedReport(findings, sections.get("impression", ""), sections.get("indication", ""),
+                                      sections.get("history", ""), sections.get("comparison", ""),
+                                      sections.get("other", "") or caption)
+    return reports_mod.model_text(parsed, policy)
+
+
+def _report_sections(row: ReportRow, identities: set[str], names: set[str],
+                     audit: collections.Counter[str]) -> dict[str, str]:
+    """De-identify first, then split into sections (or clean the sections the source already gives)."""
+    if row.sections is not None:
+        return {k: reports_mod.normalize_whitespace(deidentify_text(v, identities, audit, names))
+                for k, v in row.sections.items()}
+    parsed = reports_mod.parse_sections(deidentify_text(row.text, identities, audit, names))
+    return {"findings": parsed.findings, "impression": parsed.impression, "indication": parsed.indication,
+            "history": parsed.history, "comparison": parsed.comparison, "other": parsed.other}
 
 
 def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file: str | Path | None = None,
            options: IngestOptions = IngestOptions()) -> IngestSummary:
     """Build a dataset folder from ``source``; see CONTRACT.md for the files it writes."""
     source, out = Path(source), Path(out)
-    if not source.is_dir():
+    if not (source.is_dir() or (source.is_file() and fmt in ("csv", "auto"))):
         raise errors.UsageError(f"SOURCE not found or not a folder: {source}")
     if fmt not in FORMATS:
         raise errors.UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    _check_options(options)
     if fmt == "auto":
         fmt = detect_format(source)
-    if fmt != "dicom":
-        raise errors.UsageError(f"--format {fmt}: this source layout is not supported yet (supported: dicom)")
+    scan = SCANNERS[fmt](source, columns=options.csv_columns, image_dir=options.image_dir)
+    text_policy = options.text_policy or scan.default_text_policy
     key_path = Path(deid_key_file) if deid_key_file else _default_key_file(out)
-    pseudo = Pseudonymizer(load_or_create_key(key_path))
+    key = load_or_create_key(key_path)
+    pseudo = Pseudonymizer(key)
 
-    # Write into a scratch folder and swap it in at the end: an interrupted run leaves
-    # the previous dataset intact and a re-run starts clean.
+    # Write into a scratch folder and swap it in at the end: an interrupted run leaves the
+    # previous dataset intact, and a re-run starts clean (no duplicates, nothing lost).
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
+    decoded_dir = tmp / "decoded"
+    decoded_dir.mkdir(parents=True)
+    (tmp / "images").mkdir()
+    if options.write_dicom:
+        (tmp / "dicom").mkdir()
 
-    quarantine: list[dict[str, str]] = []
-    tables = {"reports.csv", "labels.csv"}
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    image_files = [p for p in files if p.relative_to(source).as_posix() not in tables]
-    if not (source / "reports.csv").is_file():
-        raise errors.UsageError(f"SOURCE {source}: reports.csv not found (a dicom source needs one)")
-    report_rows = _read_reports_csv(source / "reports.csv", quarantine, "reports.csv")
-    n_report_rows = len(report_rows) + len(quarantine)  # every data row of reports.csv
+    quarantine: list[dict[str, str]] = list(scan.quarantine)
+    n_image_inputs = len(scan.images) + sum(q["kind"] == "image" for q in scan.quarantine)
+    n_report_inputs = len(scan.reports) + sum(q["kind"] == "report" for q in scan.quarantine)
 
-    workers = options.workers or os.cpu_count() or 1
-    jobs = [(str(p), p.relative_to(source).as_posix(), options.max_side,
-             options.frame_policy) for p in image_files]
-    results: list[dict[str, Any]] = []
-    if workers == 1 or len(jobs) < 8:
-        results = [_read_one_dicom(j) for j in jobs]
-    else:
-        with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_read_one_dicom, jobs, chunksize=8))
+    def refuse(where: str, reason: str, message: str, kind: str) -> None:
+        quarantine.append({"source_path": where, "reason_code": reason, "message": message, "kind": kind})
 
-    # ----- pair images with reports by accession number (or study UID)
-    by_acc: dict[str, dict[str, str]] = {}
-    by_uid: dict[str, dict[str, str]] = {}
-    unique_rows = []
-    for row in report_rows:
-        acc = (row.get("accession_number") or "").strip()
-        uid = (row.get("study_instance_uid") or "").strip()
-        if (acc and acc in by_acc) or (uid and uid in by_uid):
-            field = "accession_number" if acc and acc in by_acc else "study_instance_uid"
-            quarantine.append({"source_path": row["_where"], "reason_code": "duplicate",
-                               "message": f"{row['_where']}: field {field} repeats an earlier row"})
+    # ----- reports: one per key
+    reports: dict[str, ReportRow] = {}
+    by_study: dict[str, ReportRow] = {}
+    for row in scan.reports:
+        if row.key in reports or (row.study_id and row.study_id in by_study and scan.format == "dicom"):
+            refuse(row.where, "duplicate", f"{row.where}: its accession number / study key repeats an earlier "
+                                           "report", "report")
             continue
-        if acc:
-            by_acc[acc] = row
-        if uid:
-            by_uid[uid] = row
-        unique_rows.append(row)
-    report_rows = unique_rows
-    identities: dict[str, set[str]] = collections.defaultdict(set)  # report key -> known identifier values
-    names: dict[str, set[str]] = collections.defaultdict(set)  # report key -> known person names
-    used_reports: set[int] = set()
-    accepted: list[dict[str, Any]] = []
-    seen_sop: set[str] = set()
-    for res in results:
+        reports[row.key] = row
+        if row.study_id:
+            by_study[row.study_id] = row
+
+    # ----- decode images in parallel, time-boxed; PNGs go straight to disk
+    settings = DecodeSettings(out_dir=str(decoded_dir), max_side=options.max_side, frame_policy=options.frame_policy,
+                              pixel_budget=options.pixel_budget, burned_in=options.burned_in,
+                              dicom_out_dir=str(tmp / "dicom") if options.write_dicom else None,
+                              deid_key_hex=key.hex() if options.write_dicom else None)
+    workers = options.workers or os.cpu_count() or 1
+    jobs = [{"index": i, "path": str(job.path)} for i, job in enumerate(scan.images)]
+    results: dict[int, dict[str, Any]] = {}
+    for res in decode_all(jobs, settings, workers, options.decode_timeout):
+        results[res["index"]] = res
+
+    # ----- pair each decoded image with its report
+    identities: dict[str, set[str]] = collections.defaultdict(set)
+    names: dict[str, set[str]] = collections.defaultdict(set)
+    paired: list[tuple[ImageJob, dict[str, Any], ReportRow | None, str]] = []
+    seen_uid: set[str] = set()
+    decode_failures = 0
+    for i, job in enumerate(scan.images):
+        res = results[i]
         if not res["ok"]:
-            quarantine.append({"source_path": res["rel"], "reason_code": res["reason"], "message": res["message"]})
+            decode_failures += 1
+            refuse(job.rel, res["reason"], res["message"], "image")
             continue
         ident = res["ident"]
-        row = by_acc.get(ident["AccessionNumber"].strip()) or by_uid.get(ident["StudyInstanceUID"].strip())
-        if row is None:
-            quarantine.append({"source_path": res["rel"], "reason_code": "missing_report",
-                               "message": f"{Path(res['rel']).name}: no report matches tag AccessionNumber "
-                                          "or StudyInstanceUID"})
+        if job.report_key is not None:
+            row = reports.get(job.report_key)
+        else:
+            row = reports.get(ident.get("AccessionNumber", "").strip()) or \
+                by_study.get(ident.get("StudyInstanceUID", "").strip())
+        uid = ident.get("SOPInstanceUID") or job.image_uid or job.rel
+        if uid in seen_uid:
+            what = "tag SOPInstanceUID" if ident.get("SOPInstanceUID") else "its image identifier"
+            refuse(job.rel, "duplicate", f"{Path(job.rel).name}: {what} repeats an earlier file", "image")
             continue
-        if ident["SOPInstanceUID"] in seen_sop:
-            quarantine.append({"source_path": res["rel"], "reason_code": "duplicate",
-                               "message": f"{Path(res['rel']).name}: tag SOPInstanceUID repeats an earlier file"})
-            continue
-        patient_id = (ident["PatientID"] or row.get("patient_id", "")).strip()
+        patient_id = (job.patient_id or ident.get("PatientID", "") or (row.patient_id if row else "")).strip()
         if not patient_id:
-            quarantine.append({"source_path": res["rel"], "reason_code": "missing_patient",
-                               "message": f"{Path(res['rel']).name}: empty tag PatientID and no patient_id in "
-                                          "the report row; patient-level splitting needs one"})
+            refuse(job.rel, "missing_patient", f"{Path(job.rel).name}: empty tag PatientID and no patient_id in the "
+                                               "report row; patient-level splitting needs one", "image")
             continue
-        seen_sop.add(ident["SOPInstanceUID"])
-        used_reports.add(id(row))
-        identities[row["_where"]].update(v for k, v in ident.items() if v and k not in _NAME_TAGS)
-        names[row["_where"]].update(ident[k] for k in _NAME_TAGS if ident.get(k))
-        identities[row["_where"]].update(v for v in (row.get("patient_id"), row.get("accession_number")) if v)
-        accepted.append({"res": res, "row": row, "patient_id": patient_id})
+        if row is None and options.unpaired == "quarantine":
+            field = "tag AccessionNumber or StudyInstanceUID" if job.report_key is None else "its report key"
+            refuse(job.rel, "missing_report", f"{Path(job.rel).name}: no report matches {field}", "image")
+            continue
+        seen_uid.add(uid)
+        if row is not None:
+            identities[row.key].update(v for k, v in ident.items() if v and k not in NAME_TAGS)
+            identities[row.key].update(row.identities)
+            names[row.key].update(ident[k] for k in NAME_TAGS if ident.get(k))
+        paired.append((job, res, row, patient_id))
 
-    # ----- reports: de-identify with the identities of their own studies, parse sections
+    # ----- reports: de-identify with the identities of their own studies, then sections and model text
     audit: collections.Counter[str] = collections.Counter()
     report_records: dict[str, dict[str, str]] = {}
-    for row in report_rows:
-        if id(row) not in used_reports:
-            quarantine.append({"source_path": row["_where"], "reason_code": "missing_image",
-                               "message": f"{row['_where']}: no image matches field accession_number"})
+    used = {row.key for _, _, row, _ in paired if row is not None}
+    for key, row in reports.items():
+        sections = _report_sections(row, identities[key], names[key], audit)
+        text = _model_text(sections, text_policy)
+        if not text.strip():
+            refuse(row.where, "empty_report", f"{row.where}: empty report text under text policy {text_policy}",
+                   "report")
             continue
-        clean = deidentify_text(row["report_text"], identities[row["_where"]], audit, names[row["_where"]])
-        parsed = reports_mod.parse_sections(clean)
-        text = reports_mod.model_text(parsed, options.text_policy)
-        rid = pseudo.report(row.get("accession_number") or row.get("study_instance_uid", ""))
-        report_records[row["_where"]] = {
-            "report_id": rid, "findings": parsed.findings, "impression": parsed.impression,
-            "indication": parsed.indication, "comparison": parsed.comparison, "text": text,
+        if key not in used and options.unpaired == "quarantine":
+            refuse(row.where, "missing_image", f"{row.where}: no image matches this report", "report")
+            continue
+        report_records[key] = {
+            "report_id": pseudo.report(key), "patient_key": pseudo.patient(row.patient_id or key), "split": "",
+            "findings": sections.get("findings", ""), "impression": sections.get("impression", ""),
+            "indication": sections.get("indication", ""), "comparison": sections.get("comparison", ""),
+            "history": sections.get("history", ""), "caption": sections.get("caption", ""), "text": text,
+            "_labels": json.dumps(row.labels, sort_keys=True), "_source_split": row.source_split,
         }
 
-    manifest_rows = []
-    for item in accepted:
-        res, row = item["res"], item["row"]
-        rep = report_records[row["_where"]]
-        meta, ident = res["meta"], res["ident"]
-        patient_key = pseudo.patient(item["patient_id"])
-        image_id = pseudo.image(ident["SOPInstanceUID"])
-        png: bytes = res["png"]
-        rel = f"images/{image_id}.png"
-        (tmp / rel).write_bytes(png)
-        manifest_rows.append({
-            "image_id": image_id, "patient_key": patient_key,
-            "study_key": pseudo.study(ident["StudyInstanceUID"] or row.get("accession_number", "")),
-            "report_id": rep["report_id"], "split": "", "modality": meta["modality"], "view": meta["view"],
-            "laterality": meta["laterality"], "source_format": meta["source_format"],
-            "image_sha256": hashlib.sha256(png).hexdigest(), "path": rel, "photometric": meta["photometric"],
-            "sex": meta["sex"], "age_band": meta["age_band"], "manufacturer": meta["manufacturer"],
-            "body_part": meta["body_part"], "rows": meta["rows"], "columns": meta["columns"],
-            "date_shift_days": pseudo.date_shift_days(patient_key),
-        })
-    manifest = pd.DataFrame(manifest_rows, columns=MANIFEST_COLUMNS)
-    manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
-    manifest["split"] = splits.assign_splits(manifest, pseudo, options.split_ratios)
-    splits.check_splits(manifest)
-    reports_df = pd.DataFrame(list(report_records.values()))
-    if len(reports_df):
-        reports_df = reports_df.drop_duplicates("report_id").sort_values("report_id").reset_index(drop=True)
+    # ----- manifest rows (one per kept frame); images whose report turned out empty are refused
+    manifest_rows, unpaired_rows = [], []
+    accepted_inputs = 0
+    for job, res, row, patient_id in paired:
+        if row is not None and row.key not in report_records:
+            refuse(job.rel, "missing_report", f"{Path(job.rel).name}: its report was quarantined (see "
+                                              f"{row.where})", "image")
+            continue
+        accepted_inputs += 1
+        ident = res["ident"]
+        uid = ident.get("SOPInstanceUID") or job.image_uid or job.rel
+        patient_key = pseudo.patient(patient_id)
+        study = ident.get("StudyInstanceUID") or job.study_id or (row.study_id if row else "") or uid
+        labels = report_records[row.key]["_labels"] if row is not None else json.dumps(job.labels, sort_keys=True)
+        for frame, img in enumerate(res["images"]):
+            meta = dict(img["meta"])
+            meta.update({k: v for k, v in job.meta.items() if v not in (None, "")})
+            image_id = pseudo.image(uid if len(res["images"]) == 1 else f"{uid}#frame{frame}")
+            rel = f"images/{image_id}.png"
+            (decoded_dir / img["png"]).rename(tmp / rel)
+            record = {
+                "image_id": image_id, "patient_key": patient_key, "study_key": pseudo.study(study),
+                "report_id": report_records[row.key]["report_id"] if row is not None else "", "split": "",
+                "modality": meta.get("modality", "OT"), "view": meta.get("view", "UNKNOWN"),
+                "laterality": meta.get("laterality", "U"), "source_format": meta.get("source_format", ""),
+                "image_sha256": img["sha256"], "path": rel, "photometric": meta.get("photometric", ""),
+                "sex": meta.get("sex", "U"), "age_band": meta.get("age_band", "unknown"),
+                "manufacturer": meta.get("manufacturer", ""), "body_part": meta.get("body_part", ""),
+                "rows": int(meta.get("rows", 0) or 0), "columns": int(meta.get("columns", 0) or 0),
+                "date_shift_days": pseudo.date_shift_days(patient_key), "source": scan.format, "labels": labels,
+                "burned_in": str(meta.get("burned_in_annotation", "")).upper() == "YES",
+                "phash": img["phash"], "dup_group": "", "frame": int(meta.get("frame", frame) or 0),
+                "_source_split": job.source_split or (row.source_split if row else ""),
+            }
+            (manifest_rows if row is not None else unpaired_rows).append(record)
+    if options.write_dicom:  # keep de-identified copies of accepted files only
+        keep = {r["image_id"] for r in manifest_rows + unpaired_rows}
+        for f in (tmp / "dicom").glob("*.dcm"):
+            if f.stem not in keep:
+                f.unlink()
+    shutil.rmtree(decoded_dir)
+
+    # ----- splits: patients linked by identical or near-identical images form one group
+    all_rows = pd.DataFrame(manifest_rows + unpaired_rows, columns=[*MANIFEST_COLUMNS, "_source_split"])
+    groups = splits.duplicate_groups(all_rows, options.near_duplicate_bits)
+    all_rows["dup_group"] = all_rows["image_id"].map(groups.image_group)
+    split_of, moved = splits.assign_group_splits(all_rows, groups, pseudo, options.split_ratios,
+                                                 options.split_policy, scan.format)
+    all_rows["split"] = all_rows["patient_key"].map(split_of)
+    all_rows = all_rows.drop(columns="_source_split")
+    is_paired = all_rows["report_id"] != ""
+    manifest = all_rows[is_paired].sort_values("image_id", kind="stable").reset_index(drop=True)
+    unpaired = all_rows[~is_paired].sort_values("image_id", kind="stable").reset_index(drop=True)
+    splits.check_splits(all_rows)
+
+    report_split = dict(zip(manifest["report_id"], manifest["split"]))
+    for rec in report_records.values():
+        rec["split"] = report_split.get(rec["report_id"]) or splits.split_of_patient(
+            pseudo, rec["patient_key"], options.split_ratios)
+    reports_df = pd.DataFrame(list(report_records.values()), columns=[*REPORT_COLUMNS, "_labels", "_source_split"])
+    reports_df = reports_df.drop(columns=["_labels", "_source_split"])
+    reports_df = reports_df.drop_duplicates("report_id").sort_values("report_id").reset_index(drop=True)
 
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
     reports_df.to_parquet(tmp / "reports.parquet", index=False)
-    qdf = pd.DataFrame(quarantine, columns=["source_path", "reason_code", "message"])
-    qdf = qdf.sort_values("source_path", kind="stable")
+    if len(unpaired):
+        unpaired.to_parquet(tmp / "unpaired_images.parquet", index=False)
+    qdf = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).sort_values("source_path", kind="stable")
     qdf.to_csv(tmp / "quarantine.csv", index=False)
-    report_q = qdf.source_path.str.startswith("reports.csv")
-    if len(manifest) + int((~report_q).sum()) != len(image_files) or \
-            len(report_records) + int(report_q.sum()) != n_report_rows:
+    q_images, q_reports = int((qdf["kind"] == "image").sum()), int((qdf["kind"] == "report").sum())
+    if accepted_inputs + q_images != n_image_inputs or len(report_records) + q_reports != n_report_inputs:
         raise errors.MmclinicError("internal accounting error: accepted + quarantined != inputs")
     shards.write_shards(tmp, manifest, reports_df, options.shard_size)
     version = cards.dataset_version(tmp)
+    flow = {
+        "image_inputs": n_image_inputs,
+        "decoded": n_image_inputs - decode_failures - sum(q["kind"] == "image" for q in scan.quarantine),
+        "paired_with_report": sum(row is not None for _, _, row, _ in paired),
+        "images_accepted": accepted_inputs,
+        "report_inputs": n_report_inputs,
+        "reports_accepted": len(report_records),
+    }
+    opts = dataclasses.asdict(options)
+    opts["text_policy"] = text_policy
     cards.write_data_card(
-        tmp, name=out.name, source_format=fmt, n_inputs=len(image_files), n_report_rows=n_report_rows,
-        manifest=manifest, reports=reports_df, quarantine=qdf, audit=audit, options=dataclasses.asdict(options),
-        version=version,
+        tmp, name=out.name, source_format=fmt, flow=flow, manifest=manifest, reports=reports_df,
+        quarantine=qdf, audit=audit, options=opts, version=version, tables=scan.tables, notes=scan.notes,
+        duplicates={"exact_groups": groups.n_exact, "near_duplicate_links": groups.n_near,
+                    "groups_spanning_patients": groups.n_multi_patient, "moved_by_source_policy": moved},
+        unpaired_images=len(unpaired),
     )
     (tmp / "dataset.json").write_text(json.dumps({"version": version, "format": fmt, "name": out.name},
                                                  indent=2) + "\n")
@@ -282,5 +347,5 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     tmp.rename(out)
     cards.copy_into_repository(out / "data_card.md", out.name)
     counts = manifest["split"].value_counts().to_dict()
-    return IngestSummary(dataset=out, accepted=len(manifest), quarantined=len(qdf), reports=len(reports_df),
+    return IngestSummary(dataset=out, accepted=accepted_inputs, quarantined=len(qdf), reports=len(reports_df),
                          splits={k: int(counts.get(k, 0)) for k in splits.SPLITS}, version=version)
