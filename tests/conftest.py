@@ -40,7 +40,8 @@ def dataset(synth_source, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("datasets")
     # A fixed key: the same pseudonyms and splits in every session, so trained results repeat.
     (base / "key.hex").write_text("6d6d636c696e69632d746573742d6b6579" * 2 + "\n")
-    ingest(synth_source, base / "ds", "dicom", base / "key.hex", IngestOptions(max_side=64, workers=2))
+    ingest(synth_source, base / "ds", "dicom", base / "key.hex", IngestOptions(max_side=64, workers=2,
+                                                                               write_dicom=True))
     return base / "ds"
 
 

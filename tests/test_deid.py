@@ -64,6 +64,9 @@ def test_no_planted_identity_in_any_dataset_file(synth_source, dataset):
     assert len(secrets) > 100
     files = [p for p in dataset.rglob("*") if p.is_file()]
     assert any(p.suffix == ".tfrecord" for p in files) and any(p.suffix == ".png" for p in files)
+    copies = [p for p in files if p.suffix == ".dcm"]  # the Annex E de-identified DICOM copies
+    assert len(copies) == len(list((synth_source / "dicom").rglob("*.dcm")))
+    assert all(pydicom.dcmread(p, stop_before_pixels=True).PatientIdentityRemoved == "YES" for p in copies[:5])
     for p in files:
         blob = p.read_bytes().lower()
         for s in secrets:

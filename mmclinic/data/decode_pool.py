@@ -127,6 +127,7 @@ def _worker(tasks: Any, results: Any, settings: DecodeSettings) -> None:
         job = tasks.get()
         if job is None:
             return
+        results.put({"started": job["index"]})  # the time box counts from here, not from start-up
         results.put(fn(job, settings))
 
 
@@ -136,10 +137,10 @@ class _Slot:
         self.proc = ctx.Process(target=_worker, args=(self.tasks, results, settings), daemon=True)
         self.proc.start()
         self.job: dict[str, Any] | None = None
-        self.started = 0.0
+        self.started: float | None = None
 
     def give(self, job: dict[str, Any]) -> None:
-        self.job, self.started = job, time.monotonic()
+        self.job, self.started = job, None
         self.tasks.put(job)
 
     def kill(self) -> None:
@@ -171,6 +172,11 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
                 res = results.get(timeout=0.5)
             except queue.Empty:
                 res = None
+            if res is not None and "started" in res:
+                for s in slots:
+                    if s.job is not None and s.job["index"] == res["started"]:
+                        s.started = time.monotonic()
+                continue
             if res is not None:
                 owner = [s for s in slots if s.job is not None and s.job["index"] == res["index"]]
                 if not owner:  # a result that raced its worker's time-out: already reported
@@ -187,7 +193,7 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
             for i, slot in enumerate(slots):
                 if slot.job is None:
                     continue
-                late = timeout is not None and now - slot.started > timeout
+                late = timeout is not None and slot.started is not None and now - slot.started > timeout
                 dead = not slot.proc.is_alive()
                 if not (late or dead):
                     continue

@@ -194,11 +194,14 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     paired: list[tuple[ImageJob, dict[str, Any], ReportRow | None, str]] = []
     seen_uid: set[str] = set()
     decode_failures = 0
+    failed_reports: set[str] = set()
     for i, job in enumerate(scan.images):
         res = results[i]
         if not res["ok"]:
             decode_failures += 1
             refuse(job.rel, res["reason"], res["message"], "image")
+            if job.report_key is not None:
+                failed_reports.add(job.report_key)
             continue
         ident = res["ident"]
         if job.report_key is not None:
@@ -239,7 +242,8 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
                    "report")
             continue
         if key not in used and options.unpaired == "quarantine":
-            refuse(row.where, "missing_image", f"{row.where}: no image matches this report", "report")
+            why = "its image was quarantined" if key in failed_reports else "no image matches this report"
+            refuse(row.where, "missing_image", f"{row.where}: {why}", "report")
             continue
         report_records[key] = {
             "report_id": pseudo.report(key), "patient_key": pseudo.patient(row.patient_id or key), "split": "",
