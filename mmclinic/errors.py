@@ -72,6 +72,12 @@ class CorruptImage(InputError):
     reason_code = "corrupt_image"
 
 
+class DecodeTimeout(InputError):
+    """Decoding one file ran past its time box and the worker process was stopped."""
+
+    reason_code = "decode_timeout"
+
+
 class MissingReport(InputError):
     reason_code = "missing_report"
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from mmclinic import errors, read_image
-from mmclinic.data.images import age_band, to_png_bytes, window
+from mmclinic.data.images import age_band, read_frames, to_png_bytes, window
 from mmclinic.data.synth import Finding, Study, to_dicom_bytes, _make_patient, render_frontal
 
 
@@ -61,8 +61,9 @@ def test_bad_inputs_raise_typed_errors(tmp_path):
     (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     with pytest.raises(errors.CorruptImage):
         read_image(tmp_path / "c.png")
+    (tmp_path / "whole.dcm").write_bytes(data)
     with pytest.raises(errors.PixelBudgetExceeded):
-        read_image(tmp_path / "t.dcm", pixel_budget=100)
+        read_image(tmp_path / "whole.dcm", pixel_budget=100)
 
 
 def test_png_8_and_16_bit(tmp_path):
@@ -77,3 +78,129 @@ def test_png_8_and_16_bit(tmp_path):
 
 def test_age_band_groups_over_89():
     assert age_band("093Y") == "90+" and age_band("045Y") == "40-49" and age_band("") == "unknown"
+
+
+# --------------------------------------------------------------------------- PNG / JPEG
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _raw_png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes | None) -> bytes:
+    """A PNG written by hand (Pillow cannot write 16-bit colour); ``rows=None`` gives a header only."""
+    import struct
+    import zlib
+
+    head = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type,
+                                                                  0, 0, 0))
+    body = _png_chunk(b"IDAT", zlib.compress(rows)) if rows is not None else b""
+    return head + body + _png_chunk(b"IEND", b"")
+
+
+def test_png_16_bit_keeps_precision_and_is_scaled_min_max(tmp_path):
+    arr = (np.arange(64 * 64).reshape(64, 64) % 3901 + 100).astype(np.uint16)  # 12-bit data, 100..4000
+    Image.fromarray(arr).save(tmp_path / "twelve.png")
+    rec = read_image(tmp_path / "twelve.png")
+    assert rec.pixels.dtype == np.float32 and rec.pixels.shape == (64, 64)
+    np.testing.assert_allclose(rec.pixels, (arr - 100.0) / 3900.0, atol=1e-6)
+    assert len(np.unique(rec.pixels)) == 3901  # more levels than 8 bits could hold
+    assert rec.meta["bits_stored"] == 16 and rec.meta["voi_source"] == "min_max"
+    assert rec.meta["source_format"] == "png" and rec.meta["photometric"] == "MONOCHROME2"
+    Image.fromarray(np.full((8, 8), 700, np.uint16)).save(tmp_path / "flat.png")
+    assert read_image(tmp_path / "flat.png").pixels.max() == 0.0  # constant: no range to scale
+
+
+def test_png_8_bit_grey_alpha_palette_and_bilevel(tmp_path):
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    a = read_image(tmp_path / "l.png")
+    np.testing.assert_array_equal(a.pixels, grey / np.float32(255))
+    assert a.meta["bits_stored"] == 8 and a.meta["voi_source"] == "bit_depth"
+    alpha = np.zeros_like(grey)  # fully transparent: alpha is dropped, not composited
+    Image.fromarray(np.stack([grey, alpha], -1), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png").pixels, a.pixels)
+    Image.fromarray(np.stack([grey, grey, grey, alpha], -1), mode="RGBA").save(tmp_path / "grey_rgba.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "grey_rgba.png").pixels, a.pixels)  # grey: 2-D
+    colour = np.stack([grey, 255 - grey, np.full_like(grey, 7)], -1)
+    Image.fromarray(np.concatenate([colour, alpha[..., None]], -1), mode="RGBA").save(tmp_path / "rgba.png")
+    rgba = read_image(tmp_path / "rgba.png")
+    assert rgba.pixels.shape == (16, 64, 3) and rgba.meta["photometric"] == "RGB"
+    np.testing.assert_array_equal(rgba.pixels, colour / np.float32(255))
+    Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(tmp_path / "p.png")
+    pal = read_image(tmp_path / "p.png")
+    assert pal.pixels.shape == (16, 64, 3) and np.abs(pal.pixels - colour / 255).mean() < 0.03
+    Image.fromarray(grey > 127).save(tmp_path / "bilevel.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "bilevel.png").pixels, (grey > 127).astype(np.float32))
+
+
+def test_png_16_bit_colour_is_read_at_8_bits(tmp_path):
+    rgb16 = np.zeros((4, 5, 3), np.uint16)
+    rgb16[..., 0] = 65535
+    rgb16[..., 1] = np.arange(5) * 10000
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+    (tmp_path / "rgb16.png").write_bytes(_raw_png(5, 4, 16, 2, rows))
+    rec = read_image(tmp_path / "rgb16.png")
+    assert rec.pixels.shape == (4, 5, 3)  # Pillow has no 16-bit colour mode: 8-bit precision
+    assert np.abs(rec.pixels - rgb16 / 65535).max() <= 1 / 255 + 1e-6
+
+
+def test_jpeg_grey_and_colour(tmp_path):
+    yy, xx = np.mgrid[0:64, 0:64]
+    grey = (xx * 4).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.jpg", quality=95)
+    g = read_image(tmp_path / "g.jpg")
+    assert g.pixels.shape == (64, 64) and g.meta["source_format"] == "jpeg"
+    assert np.abs(g.pixels - grey / 255).mean() < 0.01
+    colour = np.stack([xx * 4, yy * 4, 255 - xx * 4], -1).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "c.jpeg", quality=95)
+    c = read_image(tmp_path / "c.jpeg")
+    assert c.pixels.shape == (64, 64, 3) and np.abs(c.pixels - colour / 255).mean() < 0.02
+    frames = read_frames(tmp_path / "c.jpeg")
+    assert len(frames) == 1 and frames[0].meta["n_frames"] == 1 and frames[0].meta["frame"] == 0
+    with pytest.raises(errors.UsageError):
+        read_image(tmp_path / "c.jpeg", frame=1)
+
+
+def test_truncated_or_corrupt_png_and_jpeg_raise_corrupt_image(tmp_path):
+    arr = (np.random.default_rng(0).random((128, 128)) * 65535).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "full.png")
+    Image.fromarray((arr >> 8).astype(np.uint8)).save(tmp_path / "full.jpg", quality=90)
+    for name in ("full.png", "full.jpg"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(errors.CorruptImage, match=f"cut_{name}"):
+            read_image(tmp_path / f"cut_{name}")
+    data = bytearray((tmp_path / "full.png").read_bytes())
+    data[60:80] = b"\xff" * 20  # inside the compressed data: bad CRC / bad stream
+    (tmp_path / "bits.png").write_bytes(bytes(data))
+    with pytest.raises(errors.CorruptImage, match="bits.png"):
+        read_image(tmp_path / "bits.png")
+
+
+def test_raster_pixel_budget_checked_from_the_header(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    Image.fromarray(np.zeros((30, 40), np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "rgb.png")
+    assert read_image(tmp_path / "a16.png", pixel_budget=30 * 40 * 2).pixels.shape == (30, 40)
+
+    def no_load(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    with pytest.raises(errors.PixelBudgetExceeded, match="a16.png"):
+        read_image(tmp_path / "a16.png", pixel_budget=30 * 40 * 2 - 1)
+    with pytest.raises(errors.PixelBudgetExceeded, match="rgb.png"):
+        read_image(tmp_path / "rgb.png", pixel_budget=30 * 40 * 3 - 1)
+
+
+def test_png_header_beyond_pillow_bomb_limit_is_a_budget_error(tmp_path):
+    (tmp_path / "huge.png").write_bytes(_raw_png(20000, 20000, 8, 0, None))  # 400 M pixels, no data
+    with pytest.raises(errors.PixelBudgetExceeded, match="huge.png"):
+        read_image(tmp_path / "huge.png")
+    with pytest.raises(errors.PixelBudgetExceeded, match="huge.png"):
+        read_image(tmp_path / "huge.png", pixel_budget=1000)

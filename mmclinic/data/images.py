@@ -2,15 +2,36 @@
 
 Training, evaluation, export and scoring all read through :func:`read_image`, so
 the pixels a model sees are the same everywhere. For DICOM the order is the
-standard's: stored values -> modality LUT (rescale slope/intercept) -> VOI LUT
-or the file's first window (a percentile window when the file has none) ->
-MONOCHROME1 inverted, so that a higher value is always brighter.
+standard's: stored values (BitsStored, PixelRepresentation) -> modality LUT
+(ModalityLUTSequence, or rescale slope/intercept) -> VOI LUT or the file's first
+window (a 0.5-99.5 percentile window when the file has neither) -> MONOCHROME1
+inverted, so that a higher value is always brighter. Colour (RGB, YBR_FULL,
+YBR_FULL_422, YBR_ICT/RCT, PALETTE COLOR) becomes RGB scaled by its bit depth.
+Enhanced multi-frame files take rescale and window from their functional groups.
+
+PNG and JPEG: 8-bit samples are divided by 255; 16-bit grayscale keeps its precision
+and is scaled min-max (the file carries no window, and 12-bit data in a 16-bit
+container is common, so dividing by 65535 would give a nearly black image). Alpha is
+dropped; a colour image whose three channels are equal becomes grayscale.
+
+Safety: the pixel budget is checked from the header before anything is decoded
+(rows x columns x frames x samples x bytes), a deflated DICOM dataset is inflated
+under the same bound, non-DICOM bytes are never force-read, and only the transfer
+syntaxes in :data:`ALLOWED_TRANSFER_SYNTAXES` are decoded. A decoder cannot be
+interrupted inside one process; :func:`run_with_timeout` runs a read in a child
+process and stops it after a time box (``decode_timeout=`` of the readers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import multiprocessing
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +40,16 @@ import numpy as np
 from mmclinic import errors
 
 DEFAULT_PIXEL_BUDGET = 1 << 30  # bytes of decoded pixel data per file
+DEFAULT_DECODE_TIMEOUT = 60.0  # seconds per file, for callers that time-box decoding
+_HEADER_ALLOWANCE = 64 << 20  # non-pixel bytes a deflated dataset may inflate to, beyond the budget
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 # Transfer syntaxes we decode. Anything else is rejected with its UID named.
 ALLOWED_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
     "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
+    DEFLATED: "Deflated Explicit VR Little Endian",
     "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
     "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
     "1.2.840.10008.1.2.4.51": "JPEG Extended (Process 2 and 4)",
@@ -37,7 +62,10 @@ ALLOWED_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.5": "RLE Lossless",
 }
 
-FRAME_POLICIES = ("first", "middle", "reject")
+FRAME_POLICIES = ("first", "middle", "all", "reject")
+
+_GRAY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
+_COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 @dataclasses.dataclass
@@ -49,47 +77,188 @@ class ImageRecord:
     meta: dict[str, Any]
 
 
+def _tag(keyword: str) -> str:
+    """'Rows (0028,0010)': how messages name a DICOM element (never its value)."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return keyword if tag is None else f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _check_policy(frame_policy: str, *, single: bool = False) -> None:
+    if frame_policy not in FRAME_POLICIES:
+        raise errors.UsageError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
+    if single and frame_policy == "all":
+        raise errors.UsageError(
+            "frame_policy 'all' gives one image per frame: call "
+            "mmclinic.data.images.read_frames(path) (or decode_dicom_frames) instead"
+        )
+
+
 def _is_dicom(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(132)
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read_image(path: str | Path, frame: int | None = None, *, frame_policy: str = "first",
-               pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> ImageRecord:
-    """Read a DICOM, PNG or JPEG file into an :class:`ImageRecord`.
-
-    ``frame`` picks one frame of a multi-frame DICOM; otherwise ``frame_policy``
-    (``first``, ``middle`` or ``reject``) decides. Bad input raises a subclass of
-    :class:`mmclinic.errors.InputError` whose message names the tag or field.
-    """
-    path = Path(path)
+def _sniff(path: Path) -> str:
+    """'dicom' or 'raster'; typed errors for a missing file or unknown bytes."""
     if not path.is_file():
         raise errors.MissingImage(f"image file not found: {path.name}")
     if _is_dicom(path):
-        return decode_dicom(open_dicom(path), path, frame, frame_policy, pixel_budget)
+        return "dicom"
     with open(path, "rb") as fh:
         magic = fh.read(8)
-    if magic.startswith(b"\x89PNG") or magic.startswith(b"\xff\xd8\xff"):
-        return _read_raster(path, pixel_budget)
+    if magic.startswith((b"\x89PNG", b"\xff\xd8\xff")):
+        return "raster"
     raise errors.NotDicom(
         f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128) and not PNG or JPEG"
     )
 
 
+def read_image(path: str | Path, frame: int | None = None, *, frame_policy: str = "first",
+               pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+               decode_timeout: float | None = None) -> ImageRecord:
+    """Read a DICOM, PNG or JPEG file into one :class:`ImageRecord`.
+
+    ``frame`` picks one frame of a multi-frame DICOM; otherwise ``frame_policy``
+    (``first``, ``middle`` or ``reject``) decides; for every frame use
+    :func:`read_frames`. ``decode_timeout`` (seconds) reads in a child process
+    stopped after that long (:func:`run_with_timeout`); ``None`` reads in-process.
+    Bad input raises a subclass of :class:`mmclinic.errors.InputError` whose
+    message names the file and the tag or field.
+    """
+    _check_policy(frame_policy, single=True)
+    path = Path(path)
+    if decode_timeout is not None:
+        return run_with_timeout(_read_image, (path, frame, frame_policy, pixel_budget), decode_timeout,
+                                name=path.name)
+    return _read_image(path, frame, frame_policy, pixel_budget)
+
+
+def _read_image(path: Path, frame: int | None, frame_policy: str, pixel_budget: int) -> ImageRecord:
+    if _sniff(path) == "dicom":
+        return decode_dicom(open_dicom(path, pixel_budget=pixel_budget), path, frame, frame_policy, pixel_budget)
+    if frame not in (None, 0):
+        raise errors.UsageError(f"frame must be 0 for a PNG or JPEG file, got {frame}")
+    return _read_raster(path, pixel_budget)
+
+
+def read_frames(path: str | Path, *, frame_policy: str = "all", pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+                decode_timeout: float | None = None) -> list[ImageRecord]:
+    """One :class:`ImageRecord` per frame kept by ``frame_policy`` (default: every frame).
+
+    Each record's ``meta["frame"]`` is its 0-based index and ``meta["n_frames"]`` the
+    file's frame count. PNG and JPEG files give one record. ``first``, ``middle`` and
+    ``reject`` behave as in :func:`read_image` and give at most one record.
+    """
+    _check_policy(frame_policy)
+    path = Path(path)
+    if decode_timeout is not None:
+        return run_with_timeout(_read_frames, (path, frame_policy, pixel_budget), decode_timeout, name=path.name)
+    return _read_frames(path, frame_policy, pixel_budget)
+
+
+def _read_frames(path: Path, frame_policy: str, pixel_budget: int) -> list[ImageRecord]:
+    if _sniff(path) == "dicom":
+        return decode_dicom_frames(open_dicom(path, pixel_budget=pixel_budget), path,
+                                   frame_policy=frame_policy, pixel_budget=pixel_budget)
+    return [_read_raster(path, pixel_budget)]
+
+
+# --------------------------------------------------------------------------- time box
+
+
+def _label(args: Sequence[Any]) -> str:
+    first = args[0] if args else None
+    return Path(first).name if isinstance(first, (str, Path)) else "input"
+
+
+def _child(conn: Any, fn: Callable[..., Any], args: Sequence[Any]) -> None:
+    try:
+        result: tuple[str, Any] = ("ok", fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        result = ("err", exc)
+    try:
+        conn.send(result)
+    except Exception as exc:  # noqa: BLE001 - an unpicklable result or exception
+        conn.send(("err", errors.CorruptImage(
+            f"{_label(args)}: the decoding process could not return its result ({type(exc).__name__})")))
+    finally:
+        conn.close()
+
+
+def _stop(proc: Any) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+    proc.join()
+
+
+def run_with_timeout(fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float | None = DEFAULT_DECODE_TIMEOUT,
+                     *, name: str | None = None, context: str | None = None) -> Any:
+    """Run ``fn(*args)`` in a child process and return its result, or raise what it raised.
+
+    A decoder stuck in native code cannot be interrupted from another thread, so the
+    call runs in its own process, which is terminated when it takes longer than
+    ``timeout`` seconds: that raises :class:`mmclinic.errors.DecodeTimeout` naming the
+    file (``name``, else the basename of the first argument). A child that dies (a
+    crash in a codec) raises :class:`mmclinic.errors.CorruptImage`. ``timeout=None``
+    calls ``fn`` in this process. ``context`` is a multiprocessing start method;
+    the default is ``fork`` where available (cheap; ``fn`` and ``args`` need not be
+    picklable). A caller with threads of its own (TensorFlow loaded) should pass
+    ``"spawn"`` or ``"forkserver"``; then ``fn`` must be importable by name.
+    """
+    if timeout is None:
+        return fn(*args)
+    if not timeout > 0:
+        raise errors.UsageError(f"decode_timeout must be > 0 seconds or None, got {timeout!r}")
+    label = name or _label(args)
+    if context is None:
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(context)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, tuple(args)), daemon=True)
+    proc.start()
+    send.close()  # so that recv sees EOF if the child dies
+    try:
+        if not recv.poll(timeout):
+            raise errors.DecodeTimeout(
+                f"{label}: decoding took longer than the time box of {timeout:g} s and was stopped"
+            )
+        try:
+            status, payload = recv.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise errors.CorruptImage(
+                f"{label}: the decoding process ended without a result (exit code {proc.exitcode})"
+            ) from None
+    finally:
+        _stop(proc)
+        recv.close()
+    if status == "ok":
+        return payload
+    raise payload
+
+
 # --------------------------------------------------------------------------- DICOM
 
 
-def _header_int(ds: Any, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword, default)
+def _header_int(ds: Any, keyword: str, path: Path, default: int | None = None) -> int:
+    try:
+        value = ds.get(keyword, default)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot parse
+        value = "?"
     if value is None or value == "":
         if default is not None:
             return default
-        raise errors.UnsupportedPixelFormat(f"missing required tag {keyword}")
+        raise errors.UnsupportedPixelFormat(f"{path.name}: missing required tag {_tag(keyword)}")
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise errors.UnsupportedPixelFormat(f"tag {keyword} is not an integer") from None
+        raise errors.UnsupportedPixelFormat(f"{path.name}: tag {_tag(keyword)} is not an integer") from None
 
 
 def _first(value: Any) -> float:
@@ -97,6 +266,14 @@ def _first(value: Any) -> float:
         return float(value[0])
     except TypeError:
         return float(value)
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        out = _first(value)
+    except (TypeError, ValueError, IndexError):
+        return default
+    return out if np.isfinite(out) else default
 
 
 def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -123,50 +300,141 @@ def percentile_window(values: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> 
     return np.clip((values - a) / (b - a), 0.0, 1.0).astype(np.float32)
 
 
-def open_dicom(path: str | Path) -> Any:
+def _check_inflated_size(path: Path, limit: int) -> None:
+    """A deflated dataset is inflated whole by the parser: bound its size first (zip bombs)."""
+    from pydicom.filereader import _read_file_meta_info
+
+    with open(path, "rb") as fh:
+        fh.seek(132)
+        meta = _read_file_meta_info(fh)
+        if str(meta.get("TransferSyntaxUID", "") or "") != DEFLATED:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total, step = 0, 1 << 24
+        while chunk := fh.read(1 << 20):
+            data = chunk
+            while True:
+                total += len(inflater.decompress(data, step))
+                if total > limit:
+                    raise errors.PixelBudgetExceeded(
+                        f"{path.name}: deflated dataset (TransferSyntaxUID {DEFLATED}) inflates to more "
+                        f"than {limit} bytes (the pixel budget plus {_HEADER_ALLOWANCE} bytes of header)"
+                    )
+                data = inflater.unconsumed_tail
+                if not data:
+                    break
+            if inflater.eof:
+                break
+
+
+def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> Any:
     """Parse a DICOM file's header, deferring large values (the pixel data) until needed.
 
-    Refuses files without the 'DICM' marker instead of forcing a read of arbitrary bytes.
+    Refuses files without the 'DICM' marker instead of forcing a read of arbitrary
+    bytes. A deflated dataset must inflate to less than ``pixel_budget`` plus 64 MiB.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
+    if not path.is_file():
+        raise errors.MissingImage(f"image file not found: {path.name}")
     if not _is_dicom(path):
         raise errors.NotDicom(f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128)")
     try:
-        return pydicom.dcmread(path, defer_size="256 KB")
+        _check_inflated_size(path, pixel_budget + _HEADER_ALLOWANCE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, defer_size="256 KB")
+    except errors.InputError:
+        raise
     except InvalidDicomError:
         raise errors.NotDicom(f"{path.name}: not a valid DICOM file") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
+            struct.error, zlib.error) as exc:
         raise errors.TruncatedFile(f"{path.name}: DICOM header cannot be parsed ({type(exc).__name__})") from None
+    for warning in caught:
+        # pydicom drops an element cut off by the end of the file with only a warning.
+        if "End of file" in str(warning.message):
+            raise errors.TruncatedFile(f"{path.name}: the file ends inside a data element (truncated)")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    _check_lengths(ds, path)
+    return ds
 
 
-def decode_dicom(ds: Any, path: str | Path, frame: int | None = None, frame_policy: str = "first",
-                 pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> ImageRecord:
-    """Display-ready pixels of a dataset from :func:`open_dicom`; the header is checked first."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _check_lengths(ds: Any, path: Path) -> None:
+    """The pixel data or the last element running past the end of the file: truncated.
 
-    path = Path(path)
-    if frame_policy not in FRAME_POLICIES:
-        raise errors.UsageError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
+    pydicom accepts a short read of a value, or a cut element header, at the end of a file
+    without a word.
+    """
+    from pydicom.datadict import keyword_for_tag
+
+    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) == DEFLATED:
+        return  # offsets refer to the inflated stream
+    size = path.stat().st_size
+    tags = list(ds.keys())
+    candidates = [t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in ds] + tags[-1:]
+    for tag in candidates:
+        raw = ds.get_item(tag)
+        tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+        if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
+            keyword = keyword_for_tag(tag)
+            name = _tag(keyword) if keyword else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            raise errors.TruncatedFile(f"{path.name}: element {name} is longer than the rest of the file (truncated)")
+    last = ds.get_item(tags[-1]) if tags else None
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is not None and length is not None and length != 0xFFFFFFFF and 0 < size - (tell + length) < 8:
+        with open(path, "rb") as fh:  # fewer bytes than an element header left over: a cut header
+            fh.seek(tell + length)
+            if fh.read().strip(b"\x00"):
+                raise errors.TruncatedFile(f"{path.name}: the file ends inside a data element header (truncated)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    tsyntax: str
+    rows: int
+    cols: int
+    frames: int
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    photometric: str
+
+
+def _transfer_syntax_text(uid: str) -> str:
+    from pydicom.uid import UID
+
+    if not re.fullmatch(r"[0-9][0-9.]{0,63}", uid):
+        return "(not a valid UID)"
+    name = ALLOWED_TRANSFER_SYNTAXES.get(uid) or UID(uid).name
+    return f"{uid} ({name if name != uid else 'unknown transfer syntax'})"
+
+
+def _check_header(ds: Any, path: Path, pixel_budget: int) -> _Header:
+    """Everything decidable from the header, checked before any pixel is decoded."""
     tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not tsyntax:
-        raise errors.UnsupportedTransferSyntax(f"{path.name}: missing tag TransferSyntaxUID (0002,0010)")
+        raise errors.UnsupportedTransferSyntax(f"{path.name}: missing tag {_tag('TransferSyntaxUID')}")
     if tsyntax not in ALLOWED_TRANSFER_SYNTAXES:
         raise errors.UnsupportedTransferSyntax(
-            f"{path.name}: transfer syntax {tsyntax} (tag TransferSyntaxUID) is not supported"
+            f"{path.name}: transfer syntax {_transfer_syntax_text(tsyntax)} in tag {_tag('TransferSyntaxUID')} "
+            "is not supported (supported: uncompressed, deflated, JPEG Baseline/Extended, JPEG Lossless, "
+            "JPEG-LS, JPEG 2000, RLE Lossless)"
         )
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise errors.NoPixelData(f"{path.name}: no PixelData (7FE0,0010) element")
+        raise errors.NoPixelData(f"{path.name}: no {_tag('PixelData')} element")
 
-    rows = _header_int(ds, "Rows")
-    cols = _header_int(ds, "Columns")
-    frames = _header_int(ds, "NumberOfFrames", 1)
-    samples = _header_int(ds, "SamplesPerPixel", 1)
-    bits_alloc = _header_int(ds, "BitsAllocated")
-    if rows <= 0 or cols <= 0 or frames <= 0:
-        raise errors.PixelBudgetExceeded(f"{path.name}: tags Rows/Columns/NumberOfFrames must be > 0")
+    rows = _header_int(ds, "Rows", path)
+    cols = _header_int(ds, "Columns", path)
+    frames = _header_int(ds, "NumberOfFrames", path, 1)
+    samples = _header_int(ds, "SamplesPerPixel", path, 1)
+    bits_alloc = _header_int(ds, "BitsAllocated", path)
+    for keyword, value in (("Rows", rows), ("Columns", cols), ("NumberOfFrames", frames),
+                           ("SamplesPerPixel", samples), ("BitsAllocated", bits_alloc)):
+        if value <= 0:
+            raise errors.UnsupportedPixelFormat(f"{path.name}: tag {_tag(keyword)} must be > 0")
     needed = rows * cols * frames * samples * max(bits_alloc // 8, 1)
     if needed > pixel_budget:
         raise errors.PixelBudgetExceeded(
@@ -174,69 +442,204 @@ def decode_dicom(ds: Any, path: str | Path, frame: int | None = None, frame_poli
             f"{needed} bytes exceeds the pixel budget of {pixel_budget} bytes"
         )
     if samples not in (1, 3):
-        raise errors.UnsupportedPixelFormat(f"{path.name}: tag SamplesPerPixel must be 1 or 3, got {samples}")
+        raise errors.UnsupportedPixelFormat(f"{path.name}: tag {_tag('SamplesPerPixel')} must be 1 or 3")
+    if bits_alloc not in (1, 8, 16, 32, 64):
+        raise errors.UnsupportedPixelFormat(f"{path.name}: tag {_tag('BitsAllocated')} must be 1, 8, 16, 32 or 64")
+    bits_stored = _header_int(ds, "BitsStored", path, bits_alloc)
+    if not 1 <= bits_stored <= bits_alloc:
+        raise errors.UnsupportedPixelFormat(
+            f"{path.name}: tag {_tag('BitsStored')} must be between 1 and {_tag('BitsAllocated')}"
+        )
+    if _header_int(ds, "PixelRepresentation", path, 0) not in (0, 1):
+        raise errors.UnsupportedPixelFormat(f"{path.name}: tag {_tag('PixelRepresentation')} must be 0 or 1")
+    if samples == 3 and _header_int(ds, "PlanarConfiguration", path, 0) not in (0, 1):
+        raise errors.UnsupportedPixelFormat(f"{path.name}: tag {_tag('PlanarConfiguration')} must be 0 or 1")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    allowed = _GRAY_PHOTOMETRIC if samples == 1 else _COLOUR_PHOTOMETRIC
+    if photometric not in allowed:
+        raise errors.UnsupportedPixelFormat(
+            f"{path.name}: tag {_tag('PhotometricInterpretation')} must be one of {', '.join(allowed)} "
+            f"for SamplesPerPixel {samples}"
+        )
+    return _Header(tsyntax, rows, cols, frames, samples, bits_alloc, bits_stored, photometric)
 
+
+def _pick_frame(header: _Header, path: Path, frame: int | None, frame_policy: str) -> int:
+    frames = header.frames
     if frames > 1:
         if frame is None:
             if frame_policy == "reject":
                 raise errors.UnsupportedPixelFormat(
-                    f"{path.name}: multi-frame file (NumberOfFrames={frames}) rejected by frame policy"
+                    f"{path.name}: multi-frame file (NumberOfFrames={frames}) rejected by frame policy 'reject'"
                 )
             frame = 0 if frame_policy == "first" else frames // 2
         if not 0 <= frame < frames:
             raise errors.UsageError(f"frame must be in [0, {frames - 1}], got {frame}")
-    else:
-        if frame not in (None, 0):
-            raise errors.UsageError(f"frame must be 0 for a single-frame file, got {frame}")
-        frame = None
+        return frame
+    if frame not in (None, 0):
+        raise errors.UsageError(f"frame must be 0 for a single-frame file, got {frame}")
+    return 0
+
+
+def _decode_error(exc: Exception, path: Path) -> errors.InputError:
+    kind = type(exc).__name__
+    if isinstance(exc, (EOFError, OSError)) or "less than expected" in str(exc):
+        return errors.TruncatedFile(f"{path.name}: {_tag('PixelData')} is shorter than the header says ({kind})")
+    if isinstance(exc, (AttributeError, KeyError, TypeError)):
+        return errors.UnsupportedPixelFormat(f"{path.name}: Image Pixel module elements are missing or invalid "
+                                             f"({kind})")
+    return errors.CorruptImage(f"{path.name}: {_tag('PixelData')} cannot be decoded ({kind})")
+
+
+def _decode(ds: Any, path: Path, header: _Header, indices: Sequence[int]) -> Iterator[tuple[np.ndarray, dict]]:
+    """Decoded frames (raw stored values; YBR already converted to RGB by pydicom, once)."""
+    from pydicom.pixels import get_decoder
 
     try:
-        if frame is None:
-            arr = ds.pixel_array
+        decoder = get_decoder(header.tsyntax)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        raise errors.UnsupportedTransferSyntax(
+            f"{path.name}: no decoder installed for transfer syntax {_transfer_syntax_text(header.tsyntax)} "
+            "(install pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg)"
+        )
+    # allow_excess_frames=False: never decode more frames than NumberOfFrames (the budget's count).
+    opts: dict[str, Any] = {"as_rgb": True, "allow_excess_frames": False}
+    try:
+        if len(indices) == 1:
+            yield decoder.as_array(ds, index=indices[0], **opts)
         else:
-            from pydicom.pixels import pixel_array
+            yield from decoder.iter_array(ds, indices=indices, **opts)
+    except errors.InputError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - codecs raise many types; one bad file, one typed error
+        raise _decode_error(exc, path) from None
 
-            arr = pixel_array(path, index=frame)
-    except (RuntimeError, NotImplementedError) as exc:
-        text = str(exc)
-        if "plugin" in text.lower() or "decod" in text.lower():
-            raise errors.UnsupportedTransferSyntax(
-                f"{path.name}: no decoder available for transfer syntax {tsyntax} "
-                "(install the dicom-codecs extra)"
-            ) from None
-        raise errors.CorruptImage(f"{path.name}: PixelData cannot be decoded ({type(exc).__name__})") from None
-    except (ValueError, EOFError, OSError, KeyError, AttributeError, TypeError) as exc:
-        raise errors.TruncatedFile(f"{path.name}: PixelData cannot be decoded ({type(exc).__name__})") from None
 
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if samples == 3:
-        # pydicom returns RGB for RGB and converts YBR to RGB.
-        bits = _header_int(ds, "BitsStored", bits_alloc)
-        pixels = (arr.astype(np.float32) / float((1 << bits) - 1)).clip(0, 1)
+def _frame_attr(ds: Any, keyword: str, group: str, index: int) -> Any:
+    """An attribute of frame ``index``: per-frame, then shared functional groups, then top level."""
+    for fg, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            item = ds[fg].value[i][group].value[0]
+            value = item.get(keyword)
+        except (KeyError, IndexError, AttributeError, TypeError):
+            continue
+        if value is not None and value != "":
+            return value
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001 - an unparsable value counts as absent
+        return None
+
+
+def _modality_lut(arr: np.ndarray, ds: Any, index: int) -> np.ndarray:
+    if ds.get("ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
+        return apply_modality_lut(arr, ds).astype(np.float64)
+    slope = _number(_frame_attr(ds, "RescaleSlope", "PixelValueTransformationSequence", index), 1.0)
+    intercept = _number(_frame_attr(ds, "RescaleIntercept", "PixelValueTransformationSequence", index), 0.0)
+    return arr.astype(np.float64) * slope + intercept
+
+
+def _voi(values: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, str]:
+    """VOI LUT, else the first window, else a percentile window; returns (pixels, which)."""
+    if ds.get("VOILUTSequence"):
+        from pydicom.pixels import apply_voi
+
+        try:
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            out = apply_voi(np.rint(values).astype(np.int64), ds, index=0)
+            return np.clip(out.astype(np.float32) / float((1 << bits) - 1), 0, 1), "voi_lut"
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, NotImplementedError, struct.error):
+            pass  # an unusable LUT: fall back to the window
+    center = _number(_frame_attr(ds, "WindowCenter", "FrameVOILUTSequence", index), np.nan)
+    width = _number(_frame_attr(ds, "WindowWidth", "FrameVOILUTSequence", index), np.nan)
+    function = str(_frame_attr(ds, "VOILUTFunction", "FrameVOILUTSequence", index) or "LINEAR").upper()
+    if np.isfinite(center) and np.isfinite(width) and (width >= 1 or (width > 0 and function != "LINEAR")):
+        return window(values, center, width, function), "window"
+    return percentile_window(values), "percentile"
+
+
+def _palette(arr: np.ndarray, ds: Any, path: Path) -> np.ndarray:
+    """PALETTE COLOR to RGB in [0, 1], scaled by the LUT's nominal bit depth."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        n_entries, first_mapped, bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+        if "RedPaletteColorLookupTableData" in ds:
+            # pydicom 3.0 reads 16-bit LUT data as little endian even in a big-endian dataset.
+            little = str(ds.file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2.2"
+            n_entries = n_entries or 1 << 16
+            luts = []
+            for colour in ("Red", "Green", "Blue"):
+                raw = ds[f"{colour}PaletteColorLookupTableData"].value
+                if isinstance(raw, (bytes, bytearray)):
+                    size = 2 if len(raw) >= 2 * n_entries else 1
+                    luts.append(np.frombuffer(raw[: size * n_entries], dtype=f"{'<' if little else '>'}u{size}"))
+                else:
+                    luts.append(np.asarray(raw, dtype=np.int64))
+            index = np.clip(arr.astype(np.int64) - first_mapped, 0, min(len(lut) for lut in luts) - 1)
+            rgb = np.stack([lut[index] for lut in luts], axis=-1)
+        else:  # segmented palettes
+            rgb = apply_color_lut(arr, ds)[..., :3]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, struct.error):
+        raise errors.UnsupportedPixelFormat(
+            f"{path.name}: PALETTE COLOR image without a usable {_tag('RedPaletteColorLookupTableDescriptor')} "
+            "or palette data"
+        ) from None
+    return np.clip(rgb.astype(np.float32) / float((1 << bits) - 1), 0, 1)
+
+
+def _record(ds: Any, path: Path, header: _Header, arr: np.ndarray, props: dict, index: int) -> ImageRecord:
+    photometric = str(props.get("photometric_interpretation", header.photometric)).upper()
+    if header.samples == 3:
+        if photometric != "RGB":
+            raise errors.UnsupportedPixelFormat(
+                f"{path.name}: the colour space in tag {_tag('PhotometricInterpretation')} cannot be converted to RGB"
+            )
+        pixels = np.clip(arr.astype(np.float32) / float((1 << header.bits_stored) - 1), 0, 1)
+        voi = "bit_depth"
+    elif photometric == "PALETTE COLOR":
+        pixels, voi = _palette(arr, ds, path), "palette"
     else:
-        values = apply_modality_lut(arr, ds).astype(np.float64)
-        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-            lut = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
-            lut_item = ds.VOILUTSequence[0]
-            lut_bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
-            pixels = np.clip(lut.astype(np.float32) / float((1 << lut_bits) - 1), 0, 1)
-        else:
-            try:
-                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            except (AttributeError, TypeError, ValueError, IndexError):
-                center = width = None  # absent or unparsable: fall back to a percentile window
-            if center is None or width is None or not np.isfinite(center) or not width > 0:
-                pixels = percentile_window(values)
-            else:
-                pixels = window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
+        pixels, voi = _voi(_modality_lut(arr, ds, index), ds, index)
         if photometric == "MONOCHROME1":
             pixels = 1.0 - pixels
     meta = dicom_metadata(ds)
     meta.update(
-        rows=rows, columns=cols, frames=frames, frame=frame or 0, transfer_syntax=tsyntax,
-        source_format="dicom",
+        rows=header.rows, columns=header.cols, frames=header.frames, n_frames=header.frames, frame=index,
+        transfer_syntax=header.tsyntax, source_format="dicom", voi_source=voi,
     )
     return ImageRecord(pixels=np.ascontiguousarray(pixels, dtype=np.float32), meta=meta)
+
+
+def decode_dicom(ds: Any, path: str | Path, frame: int | None = None, frame_policy: str = "first",
+                 pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> ImageRecord:
+    """Display-ready pixels of one frame of a dataset from :func:`open_dicom`; the header is checked first."""
+    path = Path(path)
+    _check_policy(frame_policy, single=True)
+    header = _check_header(ds, path, pixel_budget)
+    index = _pick_frame(header, path, frame, frame_policy)
+    ((arr, props),) = _decode(ds, path, header, [index])
+    return _record(ds, path, header, arr, props, index)
+
+
+def decode_dicom_frames(ds: Any, path: str | Path, *, frame_policy: str = "all",
+                        pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> list[ImageRecord]:
+    """One record per frame kept by ``frame_policy`` (``all``: every frame, in order)."""
+    path = Path(path)
+    _check_policy(frame_policy)
+    header = _check_header(ds, path, pixel_budget)
+    if frame_policy == "all":
+        indices = list(range(header.frames))
+    else:
+        indices = [_pick_frame(header, path, None, frame_policy)]
+    return [_record(ds, path, header, arr, props, index)
+            for index, (arr, props) in zip(indices, _decode(ds, path, header, indices), strict=True)]
 
 
 def age_band(patient_age: str | None) -> str:
@@ -257,14 +660,41 @@ def age_band(patient_age: str | None) -> str:
     return f"{lo}-{lo + 9}"
 
 
+def _pixel_spacing(ds: Any) -> list[float] | None:
+    """[row, column] spacing in mm from PixelSpacing (or the functional groups) or ImagerPixelSpacing."""
+    for value in (_frame_attr(ds, "PixelSpacing", "PixelMeasuresSequence", 0),
+                  _frame_attr(ds, "ImagerPixelSpacing", "", 0)):
+        if value is None or value == "":
+            continue
+        try:
+            parts = [float(v) for v in value] if not isinstance(value, (str, bytes, float, int)) else [float(value)]
+        except (TypeError, ValueError):
+            continue
+        parts = parts * 2 if len(parts) == 1 else parts[:2]
+        if len(parts) == 2 and all(np.isfinite(v) and v > 0 for v in parts):
+            return parts
+    return None
+
+
 def dicom_metadata(ds: Any) -> dict[str, Any]:
-    """Metadata that is safe to keep: no names, identifiers, dates or free text."""
+    """Metadata that is safe to keep: no names, identifiers, dates or free text.
+
+    ``pixel_spacing`` is ``[row, column]`` in mm or ``None``; ``burned_in_annotation``
+    is ``"YES"``, ``"NO"`` or ``""`` (tag BurnedInAnnotation (0028,0301) absent or other).
+    """
     def text(keyword: str) -> str:
-        value = ds.get(keyword, "")
+        try:
+            value = ds.get(keyword, "")
+        except Exception:  # noqa: BLE001 - an unparsable value counts as absent
+            return ""
         return str(value).strip() if value is not None else ""
 
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     view = text("ViewPosition").upper()
+    burned = text("BurnedInAnnotation").upper()
+    try:
+        bits_stored = int(ds.get("BitsStored", 0) or 0)
+    except (TypeError, ValueError):
+        bits_stored = 0
     return {
         "modality": text("Modality") or "OT",
         "view": view or "UNKNOWN",
@@ -272,52 +702,74 @@ def dicom_metadata(ds: Any) -> dict[str, Any]:
         "body_part": text("BodyPartExamined").upper(),
         "manufacturer": text("Manufacturer"),
         "photometric": text("PhotometricInterpretation").upper(),
-        "pixel_spacing": float(spacing[0]) if spacing else None,
+        "pixel_spacing": _pixel_spacing(ds),
         "sex": text("PatientSex").upper() or "U",
         "age_band": age_band(text("PatientAge")),
-        "bits_stored": int(ds.get("BitsStored", 0) or 0),
-        "burned_in_annotation": text("BurnedInAnnotation").upper() or "UNKNOWN",
+        "bits_stored": bits_stored,
+        "burned_in_annotation": burned if burned in ("YES", "NO") else "",
     }
 
 
 # --------------------------------------------------------------------------- PNG / JPEG
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _raster_bytes_per_pixel(im: Any) -> int:
+    per_band = 2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1
+    return len(im.getbands()) * per_band
+
+
+def _raster_pixels(im: Any) -> tuple[np.ndarray, int, str]:
+    """(pixels, bits per sample, how they were scaled) of a loaded Pillow image."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        pixels = (arr - lo) / (hi - lo) if hi > lo else np.zeros(arr.shape)
+        return pixels, 16, "min_max"
+    if mode in ("L", "1"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0, 8, "bit_depth"
+    if mode in ("LA", "La"):
+        return np.asarray(im.getchannel("L"), dtype=np.float32) / 255.0, 8, "bit_depth"
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)  # drops alpha; palettes, CMYK, YCbCr to RGB
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return rgb[..., 0].astype(np.float32) / 255.0, 8, "bit_depth"
+    return rgb.astype(np.float32) / 255.0, 8, "bit_depth"
+
+
 def _read_raster(path: Path, pixel_budget: int) -> ImageRecord:
-    from PIL import Image, UnidentifiedImageError
+    """PNG or JPEG; the budget is checked from the header, before the pixels are decoded."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=("PNG", "JPEG")) as im:
             width, height = im.size
-            if width * height * 8 > pixel_budget:
-                raise errors.PixelBudgetExceeded(
-                    f"{path.name}: {width}x{height} pixels exceeds the pixel budget of {pixel_budget} bytes"
-                )
             fmt = (im.format or "").lower()
+            needed = width * height * _raster_bytes_per_pixel(im)
+            if needed > pixel_budget:
+                raise errors.PixelBudgetExceeded(
+                    f"{path.name}: {width} x {height} pixels ({needed} bytes) exceeds the pixel budget of "
+                    f"{pixel_budget} bytes"
+                )
             im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                peak = 65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0
-                pixels = arr / peak
-            elif mode == "L":
-                pixels = np.asarray(im, dtype=np.float32) / 255.0
-            elif mode == "F":
-                pixels = percentile_window(np.asarray(im, dtype=np.float32))
-            else:
-                pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-                if np.allclose(pixels[..., 0], pixels[..., 1]) and np.allclose(pixels[..., 1], pixels[..., 2]):
-                    pixels = pixels[..., 0]
+            pixels, bits, scaling = _raster_pixels(im)
     except errors.InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError:
+        raise errors.PixelBudgetExceeded(f"{path.name}: image size exceeds Pillow's decompression-bomb limit") \
+            from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes; one typed error
         raise errors.CorruptImage(f"{path.name}: image cannot be decoded ({type(exc).__name__})") from None
     meta = {
         "modality": "OT", "view": "UNKNOWN", "laterality": "U", "body_part": "", "manufacturer": "",
         "photometric": "RGB" if pixels.ndim == 3 else "MONOCHROME2", "pixel_spacing": None,
-        "sex": "U", "age_band": "unknown", "bits_stored": 16 if mode.startswith("I") else 8,
-        "burned_in_annotation": "UNKNOWN", "rows": height, "columns": width, "frames": 1, "frame": 0,
-        "transfer_syntax": "", "source_format": "jpeg" if fmt in ("jpeg", "jpg") else "png",
+        "sex": "U", "age_band": "unknown", "bits_stored": bits, "burned_in_annotation": "",
+        "rows": height, "columns": width, "frames": 1, "n_frames": 1, "frame": 0, "transfer_syntax": "",
+        "source_format": "jpeg" if fmt in ("jpeg", "jpg", "mpo") else "png", "voi_source": scaling,
     }
     return ImageRecord(pixels=np.clip(pixels, 0, 1).astype(np.float32), meta=meta)
 
