@@ -37,3 +37,19 @@ def test_batches_have_expected_shapes(dataset):
                                    training=True)))
     assert batch["image"].shape == (8, 32, 32, 1) and batch["token_ids"].shape == (8, 40)
     assert batch["padding_mask"].dtype == tf.bool and batch["swapped_ids"].shape == (8, 40)
+
+
+def test_shards_written_without_tensorflow_are_byte_identical_to_tensorflows(tmp_path):
+    import tensorflow as tf
+
+    from mmclinic.data.shards import TFRecordWriter, encode_example
+
+    feats = {"image_png": bytes(range(256)) * 50, "text": "Left effusion, ünïcode".encode(), "image_id": b""}
+    ours, theirs = tmp_path / "ours.tfrecord", tmp_path / "tf.tfrecord"
+    with TFRecordWriter(ours) as w:
+        w.write(encode_example(feats))
+    with tf.io.TFRecordWriter(str(theirs)) as w:
+        w.write(tf.train.Example(features=tf.train.Features(feature={
+            k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}))
+            .SerializeToString())
+    assert ours.read_bytes() == theirs.read_bytes()

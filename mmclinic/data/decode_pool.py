@@ -7,16 +7,21 @@ worker is on: a worker that exceeds the time box (a decoder stuck on a hostile
 file) or dies (a decoder crash) is killed and replaced, and that one file is
 quarantined with its reason while the run goes on.
 
-Workers are started with the ``spawn`` method: the parent may already hold
-TensorFlow's threads, which do not survive ``fork``.
+Workers are fresh ``python -m mmclinic.data.decode_pool`` processes talking over pipes: the
+parent may already hold TensorFlow's threads, which do not survive ``fork``, and unlike
+multiprocessing's ``spawn`` they never re-import the caller's main script.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import multiprocessing as mp
-import queue
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,7 +121,35 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
                 "message": f"{path.name}: cannot be read ({type(exc).__name__})"}
 
 
-def _worker(tasks: Any, results: Any, settings: DecodeSettings) -> None:
+def _send(stream: Any, obj: Any) -> None:
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<I", len(blob)) + blob)
+    stream.flush()
+
+
+def _recv_exact(stream: Any, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _recv(stream: Any) -> Any:
+    head = _recv_exact(stream, 4)
+    if head is None:
+        return None
+    blob = _recv_exact(stream, struct.unpack("<I", head)[0])
+    return None if blob is None else pickle.loads(blob)
+
+
+def worker_main() -> None:
+    """A decoding worker: settings, then jobs, on stdin; ``started`` and result messages on stdout."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but messages on the pipe
+    settings: DecodeSettings = _recv(stdin)
     fn = decode_job
     if settings.decoder:
         import importlib
@@ -124,28 +157,43 @@ def _worker(tasks: Any, results: Any, settings: DecodeSettings) -> None:
         module, _, name = settings.decoder.partition(":")
         fn = getattr(importlib.import_module(module), name)
     while True:
-        job = tasks.get()
+        job = _recv(stdin)
         if job is None:
             return
-        results.put({"started": job["index"]})  # the time box counts from here, not from start-up
-        results.put(fn(job, settings))
+        _send(stdout, {"started": job["index"]})  # the time box counts from here, not from start-up
+        _send(stdout, fn(job, settings))
 
 
 class _Slot:
-    def __init__(self, ctx: Any, results: Any, settings: DecodeSettings) -> None:
-        self.tasks = ctx.Queue()
-        self.proc = ctx.Process(target=_worker, args=(self.tasks, results, settings), daemon=True)
-        self.proc.start()
+    """One worker process, running one job at a time.
+
+    A plain ``python -m mmclinic.data.decode_pool`` child: unlike multiprocessing's spawn, it
+    never re-imports the caller's main script, and its stderr is discarded because decoder
+    warnings can quote header values.
+    """
+
+    def __init__(self, settings: DecodeSettings) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmclinic.data.decode_pool"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env=env)
+        _send(self.proc.stdin, settings)
         self.job: dict[str, Any] | None = None
         self.started: float | None = None
 
     def give(self, job: dict[str, Any]) -> None:
         self.job, self.started = job, None
-        self.tasks.put(job)
+        _send(self.proc.stdin, job)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
 
     def kill(self) -> None:
         self.proc.kill()
-        self.proc.join(5)
+        self.proc.wait(5)
 
 
 def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: int,
@@ -157,54 +205,40 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
     """
     if not jobs:
         return
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    slots = [_Slot(ctx, results, settings) for _ in range(max(1, min(workers, len(jobs))))]
+    slots = [_Slot(settings) for _ in range(max(1, min(workers, len(jobs))))]
     pending = list(reversed(jobs))
-    outstanding = 0
     try:
         for slot in slots:
             if pending:
                 slot.give(pending.pop())
-                outstanding += 1
-        while outstanding:
-            try:
-                res = results.get(timeout=0.5)
-            except queue.Empty:
-                res = None
-            if res is not None and "started" in res:
-                for s in slots:
-                    if s.job is not None and s.job["index"] == res["started"]:
-                        s.started = time.monotonic()
-                continue
-            if res is not None:
-                owner = [s for s in slots if s.job is not None and s.job["index"] == res["index"]]
-                if not owner:  # a result that raced its worker's time-out: already reported
+        while any(slot.job is not None for slot in slots):
+            busy = {slot.proc.stdout.fileno(): slot for slot in slots if slot.job is not None}
+            ready, _, _ = select.select(list(busy), [], [], 0.5)
+            for fd in ready:
+                slot = busy[fd]
+                msg = _recv(slot.proc.stdout)
+                if msg is None:  # the worker died: handled below
                     continue
-                outstanding -= 1
-                slot = owner[0]
+                if "started" in msg:
+                    slot.started = time.monotonic()
+                    continue
                 slot.job = None
                 if pending:
                     slot.give(pending.pop())
-                    outstanding += 1
-                yield res
-                continue
+                yield msg
             now = time.monotonic()
             for i, slot in enumerate(slots):
                 if slot.job is None:
                     continue
                 late = timeout is not None and slot.started is not None and now - slot.started > timeout
-                dead = not slot.proc.is_alive()
+                dead = slot.proc.poll() is not None
                 if not (late or dead):
                     continue
-                job = slot.job
-                name = Path(job["path"]).name
+                job, name = slot.job, Path(slot.job["path"]).name
                 slot.kill()
-                outstanding -= 1
-                slots[i] = slot = _Slot(ctx, results, settings)
+                slots[i] = slot = _Slot(settings)
                 if pending:
                     slot.give(pending.pop())
-                    outstanding += 1
                 if late:
                     yield {"ok": False, "index": job["index"], "reason": "decode_timeout",
                            "message": f"{name}: decoding exceeded the time box of {timeout:g} s"}
@@ -213,9 +247,9 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
                            "message": f"{name}: the decoder process died"}
     finally:
         for slot in slots:
-            if slot.proc.is_alive():
-                slot.tasks.put(None)
-        for slot in slots:
-            slot.proc.join(5)
-            if slot.proc.is_alive():
-                slot.kill()
+            if slot.proc.poll() is None:
+                slot.close()
+
+
+if __name__ == "__main__":
+    worker_main()

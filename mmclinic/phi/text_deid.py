@@ -38,7 +38,7 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
-def _known_pattern(values: Iterable[str], names: Iterable[str]) -> re.Pattern[str] | None:
+def _known_pattern(values: Iterable[str], names: Iterable[str], text: str | None = None) -> re.Pattern[str] | None:
     """One pattern for the identities the archive holds.
 
     ``values`` (IDs, accession numbers, addresses, institutions) match as whole strings;
@@ -58,6 +58,9 @@ def _known_pattern(values: Iterable[str], names: Iterable[str]) -> re.Pattern[st
         for piece in re.split(r"[\^\s,]+", n):
             if len(piece) >= 3 and not piece.isdigit():
                 parts.add(re.escape(piece))
+    if text is not None:  # only values that occur at all: the pattern stays small and quick to build
+        lower = text.lower()
+        parts = {p for p in parts if re.sub(r"\\(.)", r"\1", p).lower() in lower}
     if not parts:
         return None
     return re.compile(r"\b(?:" + "|".join(sorted(parts, key=len, reverse=True)) + r")\b", re.I)
@@ -73,7 +76,7 @@ def deidentify_text(text: str, known: Iterable[str] = (), audit: collections.Cou
     for name, rx, placeholder in RULES:
         text, n = rx.subn(placeholder, text)
         audit[name] += n
-    pattern = _known_pattern(known, known_names)
+    pattern = _known_pattern(known, known_names, text)
     if pattern is not None:
         text, n = pattern.subn("[REDACTED]", text)
         audit["known_identity"] += n

@@ -1,0 +1,117 @@
+"""`mmclinic ingest` throughput vs a naive serial loop, and ingest's peak memory as the archive grows.
+
+    .venv/bin/python bench/ingest_vs_naive.py [--patients 200] [--size 512] [--memory-sizes 1000,4000]
+
+Throughput: the same synthetic DICOM files through (a) the naive loop a researcher would write
+first (dcmread -> pixel_array -> resize -> write PNG, one file after another) and (b)
+`mmclinic ingest` with its defaults (one decoding process per core; it also de-identifies,
+windows, hashes, pairs, splits, and writes shards and a data card). Each runs in a fresh
+process, alternated over rounds so machine noise hits both alike; the ratio of the medians is
+printed (target >= 1.7 on 2 cores).
+
+Memory: peak resident memory of the ingest parent process and of its largest worker for
+archives of increasing size (target: the largest at most 1.2x the smallest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NAIVE = r"""
+import sys, time
+from pathlib import Path
+import numpy as np, pydicom
+from PIL import Image
+src, out, side = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+out.mkdir(parents=True, exist_ok=True)
+t0 = time.perf_counter()
+n = 0
+for f in sorted(src.rglob("*.dcm")):
+    ds = pydicom.dcmread(f)
+    arr = ds.pixel_array.astype(np.float32)
+    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
+    h, w = arr.shape
+    s = side / max(h, w)
+    im = Image.fromarray(arr, mode="F").resize((max(1, round(w * s)), max(1, round(h * s))))
+    Image.fromarray((np.asarray(im) * 65535).astype(np.uint16)).save(out / f"{n}.png")
+    n += 1
+print(n, time.perf_counter() - t0)
+"""
+
+INGEST = r"""
+import resource, sys, time
+t0 = time.perf_counter()
+from mmclinic.data.ingest import IngestOptions, ingest
+s = ingest(sys.argv[1], sys.argv[2], "dicom", sys.argv[3], IngestOptions(max_side=int(sys.argv[4])))
+dt = time.perf_counter() - t0
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(s.accepted, dt, own, kids)
+"""
+
+
+def _run(code: str, *args: str) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return [float(x) for x in out.stdout.split()[-4:]] if code is INGEST else [float(x) for x in
+                                                                                 out.stdout.split()[-2:]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patients", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512, help="side of the synthetic radiographs")
+    ap.add_argument("--max-side", type=int, default=256, help="stored image side (both loops)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--memory-sizes", default="1000,4000", help="archive sizes (files) for the memory check")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+
+    from mmclinic.data.synth import synthesize
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmclinic-bench-ingest-"))
+    synthesize(tmp / "src", patients=args.patients, seed=0, size=args.size)
+    n_files = sum(1 for _ in (tmp / "src").rglob("*.dcm"))
+    naive, ours = [], []
+    for r in range(args.rounds):
+        n, t = _run(NAIVE, tmp / "src", tmp / f"naive{r}", args.max_side)
+        naive.append(n / t)
+        n2, t2, _, _ = _run(INGEST, tmp / "src", tmp / f"ds{r}", tmp / "key", args.max_side)
+        ours.append(n2 / t2)
+        print(f"round {r + 1}: naive {naive[-1]:.1f} files/s, mmclinic ingest {ours[-1]:.1f} files/s", flush=True)
+    result = {"files": n_files, "image_size": args.size, "cores": os.cpu_count(),
+              "naive_files_per_s": round(statistics.median(naive), 2),
+              "ingest_files_per_s": round(statistics.median(ours), 2)}
+    result["ratio"] = round(result["ingest_files_per_s"] / result["naive_files_per_s"], 2)
+    print(json.dumps(result))
+
+    if args.skip_memory:
+        return
+    mem = {}
+    for size in [int(x) for x in args.memory_sizes.split(",")]:
+        src = tmp / f"mem{size}"
+        patients = max(1, round(size / (n_files / args.patients)))
+        synthesize(src, patients=patients, seed=1, size=128)
+        files = sum(1 for _ in src.rglob("*.dcm"))
+        n, t, own, kids = _run(INGEST, src, tmp / f"memds{size}", tmp / "key", 128)
+        mem[files] = {"parent_peak_mib": round(own, 1), "worker_peak_mib": round(kids, 1), "seconds": round(t, 1)}
+        print(f"{files} files: parent peak {own:.0f} MiB, largest worker {kids:.0f} MiB, {t:.0f} s", flush=True)
+    sizes = sorted(mem)
+    print(json.dumps({"memory": mem, "parent_ratio": round(mem[sizes[-1]]["parent_peak_mib"] /
+                                                            mem[sizes[0]]["parent_peak_mib"], 3),
+                      "worker_ratio": round(mem[sizes[-1]]["worker_peak_mib"] / mem[sizes[0]]["worker_peak_mib"],
+                                            3)}))
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"total {time.time() - t0:.0f} s")
