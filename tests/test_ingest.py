@@ -94,3 +94,23 @@ def test_data_card_copied_into_repository_only_from_its_root(synth_source, tmp_p
     monkeypatch.chdir(tmp_path)
     ingest(synth_source, tmp_path / "other", "dicom", tmp_path / "k", IngestOptions(max_side=32))
     assert not (repo / "data_cards" / "other.md").exists()
+
+
+def test_shifted_study_dates_and_pixel_spacing_kept(synth_source, dataset):
+    import datetime as dt
+
+    import pydicom
+
+    from mmclinic.phi.dicom_deid import Pseudonymizer, load_or_create_key
+
+    pseudo = Pseudonymizer(load_or_create_key(dataset.parent / "key.hex"))
+    m = pd.read_parquet(dataset / "manifest.parquet").set_index("image_id")
+    checked = 0
+    for f in sorted((synth_source / "dicom").rglob("*.dcm"))[:20]:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        row = m.loc[pseudo.image(str(ds.SOPInstanceUID))]
+        original = dt.datetime.strptime(str(ds.StudyDate), "%Y%m%d").date()
+        assert row["study_date_shifted"] == (original + dt.timedelta(days=int(row["date_shift_days"]))).isoformat()
+        assert row["study_date_shifted"] != original.isoformat() and row["pixel_spacing"]
+        checked += 1
+    assert checked == 20

@@ -259,3 +259,23 @@ def test_iu_xray_reports_accounted_and_sections_parse(tmp_path):
     assert ok / len(rows) > 0.99, ok / len(rows)
     reports = pd.read_parquet(tmp_path / "iu" / "reports.parquet")
     assert reports["findings"].str.contains(r"\bXXXX XXXX").sum() == 0  # redaction runs collapsed
+
+
+def test_multi_frame_policy_all_gives_one_image_per_frame(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    frames = get_testdata_file("emri_small.dcm")
+    if frames is None:
+        pytest.skip("pydicom test file emri_small.dcm not available")
+    src = tmp_path / "mf"
+    src.mkdir()
+    shutil.copy(frames, src / "mr.dcm")
+    (src / "pairs.csv").write_text("image_path,report_text,patient_id,study_id\n"
+                                   "mr.dcm,FINDINGS: Ten frames. IMPRESSION: Normal.,p1,s1\n")
+    s = ingest(src, tmp_path / "all", "csv", tmp_path / "k", IngestOptions(max_side=32, workers=1, frame_policy="all"))
+    m = pd.read_parquet(tmp_path / "all" / "manifest.parquet")
+    assert s.accepted == 1 and len(m) == 10 and sorted(m["frame"]) == list(range(10))
+    assert m["image_id"].nunique() == 10 and m["split"].nunique() == 1
+    ingest(src, tmp_path / "rej", "csv", tmp_path / "k", IngestOptions(max_side=32, workers=1, frame_policy="reject"))
+    q = _quarantine(tmp_path / "rej")
+    assert "NumberOfFrames" in q[q["kind"] == "image"]["message"].iloc[0]

@@ -66,7 +66,7 @@ def perceptual_hash(pixels: np.ndarray) -> str:
 
 def _identity(ds: Any) -> dict[str, Any]:
     ident = {k: str(ds.get(k, "") or "") for k in (*IDENTITY_TAGS, *NAME_TAGS, "StudyInstanceUID",
-                                                     "SOPInstanceUID")}
+                                                     "SOPInstanceUID", "StudyDate")}
     return ident
 
 

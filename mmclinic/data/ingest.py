@@ -33,7 +33,7 @@ MANIFEST_COLUMNS = [
     "image_id", "patient_key", "study_key", "report_id", "split", "modality", "view", "laterality",
     "source_format", "image_sha256", "path", "photometric", "sex", "age_band", "manufacturer",
     "body_part", "rows", "columns", "date_shift_days", "source", "labels", "burned_in", "phash", "dup_group",
-    "frame",
+    "frame", "pixel_spacing", "study_date_shifted",
 ]
 REPORT_COLUMNS = ["report_id", "patient_key", "split", "findings", "impression", "indication", "comparison",
                   "history", "caption", "text"]
@@ -117,6 +117,25 @@ def _model_text(sections: dict[str, str], policy: str) -> str:
                                       sections.get("history", ""), sections.get("comparison", ""),
                                       sections.get("other", "") or caption)
     return reports_mod.model_text(parsed, policy)
+
+
+def _spacing(value: Any) -> str:
+    """Pixel spacing (row\\column, mm) as text; empty when the file has none."""
+    if value is None or value == "":
+        return ""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return "\\".join(f"{float(v):g}" for v in values)
+
+
+def _shifted_date(study_date: str, shift_days: int) -> str:
+    """The study date moved by the patient's shift (ISO); intervals between a patient's studies are kept."""
+    import datetime as dt
+
+    try:
+        day = dt.datetime.strptime(study_date.strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return ""
+    return (day + dt.timedelta(days=shift_days)).isoformat()
 
 
 def _report_sections(row: ReportRow, identities: set[str], names: set[str],
@@ -285,6 +304,8 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
                 "date_shift_days": pseudo.date_shift_days(patient_key), "source": scan.format, "labels": labels,
                 "burned_in": str(meta.get("burned_in_annotation", "")).upper() == "YES",
                 "phash": img["phash"], "dup_group": "", "frame": int(meta.get("frame", frame) or 0),
+                "pixel_spacing": _spacing(meta.get("pixel_spacing")),
+                "study_date_shifted": _shifted_date(ident.get("StudyDate", ""), pseudo.date_shift_days(patient_key)),
                 "_source_split": job.source_split or (row.source_split if row else ""),
             }
             (manifest_rows if row is not None else unpaired_rows).append(record)
