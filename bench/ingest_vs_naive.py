@@ -1,8 +1,9 @@
 """`mmclinic ingest` throughput vs a naive serial loop, and ingest's peak memory as the archive grows.
 
-    .venv/bin/python bench/ingest_vs_naive.py [--patients 200] [--size 512] [--memory-sizes 1000,4000]
+    .venv/bin/python bench/ingest_vs_naive.py [--files 1200] [--size 1024] [--memory-sizes 1000,4000]
 
-Throughput: the same synthetic DICOM files through (a) the naive loop a researcher would write
+The archive: synthetic radiographs (1024 px, 12-bit) cloned under new identities up to the
+wanted number of files. Throughput: the same files through (a) the naive loop a researcher would write
 first (dcmread -> pixel_array -> resize -> write PNG, one file after another) and (b)
 `mmclinic ingest` with its defaults (one decoding process per core; it also de-identifies,
 windows, hashes, pairs, splits, and writes shards and a data card). Each runs in a fresh
@@ -58,6 +59,38 @@ print(s.accepted, dt, own, kids)
 """
 
 
+def clone_archive(src: Path, dest: Path, copies: int) -> int:
+    """Grow a synthetic archive by cloning its studies under new identities (new patient, accession, UIDs)."""
+    import csv
+
+    import pydicom
+
+    dest.mkdir(parents=True)
+    rows = list(csv.DictReader(open(src / "reports.csv", encoding="utf-8")))
+    n = 0
+    with open(dest / "reports.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for c in range(copies):
+            for r in rows:
+                w.writerow(dict(r, patient_id=f"{r['patient_id']}C{c}", accession_number=f"{r['accession_number']}C{c}",
+                                study_instance_uid=f"{r['study_instance_uid']}.{c + 1}"))
+    files = sorted((src / "dicom").rglob("*.dcm"))
+    for c in range(copies):
+        out = dest / "dicom" / f"c{c:03d}"
+        out.mkdir(parents=True)
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.PatientID = f"{ds.PatientID}C{c}"
+            ds.AccessionNumber = f"{ds.AccessionNumber}C{c}"
+            for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                setattr(ds, kw, f"{getattr(ds, kw)}.{c + 1}")
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(out / f"{i:05d}.dcm")
+            n += 1
+    return n
+
+
 def _run(code: str, *args: str) -> list[float]:
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
@@ -67,8 +100,9 @@ def _run(code: str, *args: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--patients", type=int, default=200)
-    ap.add_argument("--size", type=int, default=512, help="side of the synthetic radiographs")
+    ap.add_argument("--patients", type=int, default=40, help="synthetic patients, cloned up to --files")
+    ap.add_argument("--files", type=int, default=1200, help="archive size for the throughput comparison")
+    ap.add_argument("--size", type=int, default=1024, help="side of the synthetic radiographs")
     ap.add_argument("--max-side", type=int, default=256, help="stored image side (both loops)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory-sizes", default="1000,4000", help="archive sizes (files) for the memory check")
@@ -78,8 +112,10 @@ def main() -> None:
     from mmclinic.data.synth import synthesize
 
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-bench-ingest-"))
-    synthesize(tmp / "src", patients=args.patients, seed=0, size=args.size)
-    n_files = sum(1 for _ in (tmp / "src").rglob("*.dcm"))
+    synthesize(tmp / "base", patients=args.patients, seed=0, size=args.size)
+    base_files = sum(1 for _ in (tmp / "base").rglob("*.dcm"))
+    copies = max(1, -(-args.files // base_files))
+    n_files = clone_archive(tmp / "base", tmp / "src", copies)
     naive, ours = [], []
     for r in range(args.rounds):
         n, t = _run(NAIVE, tmp / "src", tmp / f"naive{r}", args.max_side)
@@ -96,11 +132,11 @@ def main() -> None:
     if args.skip_memory:
         return
     mem = {}
+    synthesize(tmp / "membase", patients=args.patients, seed=1, size=256)
+    per_copy = sum(1 for _ in (tmp / "membase").rglob("*.dcm"))
     for size in [int(x) for x in args.memory_sizes.split(",")]:
         src = tmp / f"mem{size}"
-        patients = max(1, round(size / (n_files / args.patients)))
-        synthesize(src, patients=patients, seed=1, size=128)
-        files = sum(1 for _ in src.rglob("*.dcm"))
+        files = clone_archive(tmp / "membase", src, max(1, round(size / per_copy)))
         n, t, own, kids = _run(INGEST, src, tmp / f"memds{size}", tmp / "key", 128)
         mem[files] = {"parent_peak_mib": round(own, 1), "worker_peak_mib": round(kids, 1), "seconds": round(t, 1)}
         print(f"{files} files: parent peak {own:.0f} MiB, largest worker {kids:.0f} MiB, {t:.0f} s", flush=True)

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test fractions")
     s.add_argument("--split-policy", default="hash", choices=["hash", "source"],
                    help="hash: keyed hash of the patient; source: the source's own split where it has one")
+    s.add_argument("--stratify-by", metavar="COLUMN", help="manifest column each split should share "
+                   "in the split ratios (e.g. modality, view)")
     s.add_argument("--text-policy", choices=["findings", "impression", "both", "longest", "caption",
                                              "caption+findings"],
                    help="report text the model sees (default: both; caption for medpix2)")
@@ -63,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, metavar="DATASET")
     s.add_argument("--split", default="test")
     s.add_argument("--out", required=True, metavar="REPORT.json")
+
+    s = sub.add_parser("compare", help="runs side by side: configs, metrics, plots; paired bootstrap with --data")
+    s.add_argument("runs", nargs="+", metavar="RUN_OR_MLFLOW_RUN_ID")
+    s.add_argument("--out", metavar="DIR", help="write CSV, Markdown, PNG and HTML tables here")
+    s.add_argument("--data", metavar="DATASET", help="score checkpointed runs on this dataset (paired bootstrap)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the paired comparison")
 
     s = sub.add_parser("export", help="vet a run and export a SavedModel (TensorFlow Serving layout)")
     s.add_argument("run", metavar="RUN")
@@ -113,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         r = ingest(args.source, args.out, args.format, args.deid_key_file,
                    IngestOptions(split_ratios=ratios, max_side=args.max_side, workers=args.workers,
                                  split_policy=args.split_policy, text_policy=args.text_policy,
+                                 stratify_by=args.stratify_by,
                                  frame_policy=args.frame_policy, burned_in=args.burned_in, unpaired=args.unpaired,
                                  decode_timeout=args.decode_timeout, near_duplicate_bits=args.near_duplicate_bits,
                                  write_dicom=args.write_dicom, csv_columns=columns, image_dir=args.image_dir))
@@ -129,6 +139,13 @@ def _run(args: argparse.Namespace) -> int:
         report = evaluate(args.target, args.data, args.split, args.out)
         print(json.dumps(headline(report), indent=2))
         print(f"report written to {args.out}")
+    elif args.command == "compare":
+        from mmclinic.compare import compare, summary_text
+
+        r = compare(args.runs, args.out, args.data, args.split, args.boot)
+        print(summary_text(r))
+        if args.out:
+            print(f"tables and plots written to {args.out}")
     elif args.command == "export":
         from mmclinic.export import export
 

@@ -279,3 +279,17 @@ def test_multi_frame_policy_all_gives_one_image_per_frame(tmp_path):
     ingest(src, tmp_path / "rej", "csv", tmp_path / "k", IngestOptions(max_side=32, workers=1, frame_policy="reject"))
     q = _quarantine(tmp_path / "rej")
     assert "NumberOfFrames" in q[q["kind"] == "image"]["message"].iloc[0]
+
+
+def test_stratified_split_gives_every_split_its_share_of_each_stratum(synth_source, tmp_path):
+    ingest(synth_source, tmp_path / "ds", "dicom", tmp_path / "k",
+           IngestOptions(max_side=32, workers=2, stratify_by="manufacturer"))
+    m = pd.read_parquet(tmp_path / "ds" / "manifest.parquet")
+    check_splits(m)
+    first = m.groupby("patient_key")["manufacturer"].agg(lambda v: v.mode().iloc[0])
+    split = m.groupby("patient_key")["split"].first()
+    for value, patients in first.groupby(first):
+        share = split[patients.index].value_counts(normalize=True)
+        assert abs(share.get("train", 0) - 0.7) <= 0.5 / len(patients) + 0.15, (value, share.to_dict())
+    with pytest.raises(UsageError, match="stratify-by"):
+        ingest(synth_source, tmp_path / "x", "dicom", tmp_path / "k", IngestOptions(max_side=32, stratify_by="nope"))

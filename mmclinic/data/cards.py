@@ -99,6 +99,7 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
                          "method": "keyed hash of the patient pseudonym" if options.get("split_policy", "hash") ==
                          "hash" else "the source's own split; its train part split into train/val by keyed hash",
                          "ratios": list(options["split_ratios"]),
+                         "stratified_by": options.get("stratify_by"),
                          "duplicates": "patients sharing an identical (sha256) or near-identical image (256-bit "
                                        f"perceptual hash within {options.get('near_duplicate_bits')} bits) share a "
                                        "split",

@@ -48,6 +48,8 @@ class IngestOptions:
     split_policy: str = "hash"
     """``hash``: keyed hash of the patient; ``source``: the source's own split where it has one
     (MedPix 2.0 train -> train/val by keyed hash, dev -> test)."""
+    stratify_by: str | None = None
+    """A manifest column (e.g. ``modality``, ``view``) every split should hold in the split ratios."""
     max_side: int = 512
     """Longest side of the stored, display-ready image."""
     text_policy: str | None = None
@@ -321,7 +323,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     groups = splits.duplicate_groups(all_rows, options.near_duplicate_bits)
     all_rows["dup_group"] = all_rows["image_id"].map(groups.image_group)
     split_of, moved = splits.assign_group_splits(all_rows, groups, pseudo, options.split_ratios,
-                                                 options.split_policy, scan.format)
+                                                 options.split_policy, scan.format, options.stratify_by)
     all_rows["split"] = all_rows["patient_key"].map(split_of)
     all_rows = all_rows.drop(columns="_source_split")
     is_paired = all_rows["report_id"] != ""

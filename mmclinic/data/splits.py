@@ -127,13 +127,40 @@ def split_of_patient(pseudo: Pseudonymizer, root: str, ratios: tuple[float, floa
     return "train" if u < ratios[0] else "val" if u < ratios[0] + ratios[1] else "test"
 
 
+def stratified_splits(rows: pd.DataFrame, roots: dict[str, str], pseudo: Pseudonymizer,
+                      ratios: tuple[float, float, float], column: str) -> dict[str, str]:
+    """Within each stratum (a group's most common ``column`` value), patient groups ordered by their
+    keyed hash take train, val and test in the given ratios: each split gets its share of every stratum."""
+    if column not in rows:
+        raise errors.UsageError(f"--stratify-by {column}: no such manifest column")
+    stratum: dict[str, str] = {}
+    for root, values in rows.assign(_root=rows["patient_key"].map(roots)).groupby("_root")[column]:
+        stratum[root] = str(values.astype(str).mode().iloc[0])
+    out: dict[str, str] = {}
+    for _, members in pd.Series(stratum).groupby(lambda r: stratum[r]):
+        ordered = sorted(members.index, key=lambda r: pseudo.unit_interval("split", r))
+        n = len(ordered)
+        cut_train, cut_val = round(n * ratios[0]), round(n * (ratios[0] + ratios[1]))
+        for i, root in enumerate(ordered):
+            out[root] = "train" if i < cut_train else "val" if i < cut_val else "test"
+    return out
+
+
 def assign_group_splits(rows: pd.DataFrame, groups: DuplicateGroups, pseudo: Pseudonymizer,
                         ratios: tuple[float, float, float], policy: str = "hash",
-                        source_format: str = "") -> tuple[dict[str, str], int]:
-    """A split per patient key, and how many images the source policy had to move to keep a group whole."""
+                        source_format: str = "", stratify_by: str | None = None) -> tuple[dict[str, str], int]:
+    """A split per patient key, and how many images the source policy had to move to keep a group whole.
+
+    ``stratify_by`` (hash policy): a manifest column whose values every split should share in the
+    given ratios. Without it, a group's split depends only on the key and the group, so adding
+    patients never moves existing ones; with it, ranks within a stratum can shift as patients arrive.
+    """
     _check_ratios(ratios)
     roots = groups.patient_root
     if policy == "hash" or "_source_split" not in rows:
+        if stratify_by:
+            by_root = stratified_splits(rows, roots, pseudo, ratios, stratify_by)
+            return {p: by_root[r] for p, r in roots.items()}, 0
         return {p: split_of_patient(pseudo, r, ratios) for p, r in roots.items()}, 0
     mapping = SOURCE_SPLIT_MAPS.get(source_format, SOURCE_SPLIT_MAPS["default"])
     trainval = ratios[0] + ratios[1]
