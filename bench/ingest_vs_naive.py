@@ -93,7 +93,7 @@ def clone_archive(src: Path, dest: Path, copies: int) -> int:
 
 def _run(code: str, *args: str) -> list[float]:
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), cwd=tempfile.gettempdir())
     return [float(x) for x in out.stdout.split()[-4:]] if code is INGEST else [float(x) for x in
                                                                                  out.stdout.split()[-2:]]
 
