@@ -73,7 +73,7 @@ def _identity(ds: Any) -> dict[str, Any]:
 def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
     """Decode one input file into one PNG per kept frame. Never raises: errors become a result."""
     from mmclinic.data.images import (ImageRecord, _is_dicom, decode_dicom, open_dicom, read_image,
-                                      to_png_bytes)
+                                      resize_pixels, to_png_bytes)
 
     path, index = Path(job["path"]), job["index"]
     try:
@@ -107,12 +107,13 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
             records = [read_image(path, pixel_budget=settings.pixel_budget)]
         images = []
         for f, rec in enumerate(records):
-            png = to_png_bytes(rec.pixels, settings.max_side)
+            small = resize_pixels(rec.pixels, settings.max_side)  # hashed and stored at the stored size
+            png = to_png_bytes(small)
             name = f"{index}-{f}.png"
             (Path(settings.out_dir) / name).write_bytes(png)
             meta = dict(rec.meta)
             images.append({"png": name, "sha256": hashlib.sha256(png).hexdigest(),
-                           "phash": perceptual_hash(rec.pixels), "meta": meta})
+                           "phash": perceptual_hash(small), "meta": meta})
         return {"ok": True, "index": index, "ident": ident, "images": images}
     except errors.InputError as exc:
         return {"ok": False, "index": index, "reason": exc.reason_code, "message": str(exc)}

@@ -555,6 +555,29 @@ def _modality_lut(arr: np.ndarray, ds: Any, index: int) -> np.ndarray:
     return arr.astype(np.float64) * slope + intercept
 
 
+def _display_lut(arr: np.ndarray, ds: Any, index: int, photometric: str) -> np.ndarray | None:
+    """The whole display transform as a table over every possible stored value, or None.
+
+    For 8/16-bit integer pixels with a rescale (no Modality LUT) and a window (no VOI LUT),
+    rescale -> window -> MONOCHROME1 inversion is a function of the stored value alone; the
+    table gives exactly the per-pixel result at the cost of one lookup per pixel.
+    """
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2 or ds.get("ModalityLUTSequence") \
+            or ds.get("VOILUTSequence"):
+        return None
+    center = _number(_frame_attr(ds, "WindowCenter", "FrameVOILUTSequence", index), np.nan)
+    width = _number(_frame_attr(ds, "WindowWidth", "FrameVOILUTSequence", index), np.nan)
+    function = str(_frame_attr(ds, "VOILUTFunction", "FrameVOILUTSequence", index) or "LINEAR").upper()
+    if not (np.isfinite(center) and np.isfinite(width) and (width >= 1 or (width > 0 and function != "LINEAR"))):
+        return None
+    unsigned = np.uint8 if arr.dtype.itemsize == 1 else np.uint16
+    domain = np.arange(1 << (8 * arr.dtype.itemsize), dtype=unsigned).view(arr.dtype)  # index order = bit pattern
+    lut = window(_modality_lut(domain, ds, index), center, width, function)
+    if photometric == "MONOCHROME1":
+        lut = np.subtract(np.float32(1.0), lut, dtype=np.float32)
+    return np.ascontiguousarray(lut, dtype=np.float32)
+
+
 def _voi(values: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, str]:
     """VOI LUT, else the first window, else a percentile window; returns (pixels, which)."""
     if ds.get("VOILUTSequence"):
@@ -616,9 +639,14 @@ def _record(ds: Any, path: Path, header: _Header, arr: np.ndarray, props: dict, 
     elif photometric == "PALETTE COLOR":
         pixels, voi = _palette(arr, ds, path), "palette"
     else:
-        pixels, voi = _voi(_modality_lut(arr, ds, index), ds, index)
-        if photometric == "MONOCHROME1":
-            pixels = np.subtract(np.float32(1.0), pixels, dtype=np.float32)
+        lut = _display_lut(arr, ds, index, photometric)
+        if lut is not None:  # one gather instead of rescale, window and inversion over every pixel
+            unsigned = arr.view(np.uint8 if arr.dtype.itemsize == 1 else np.uint16)
+            pixels, voi = lut[unsigned], "window"
+        else:
+            pixels, voi = _voi(_modality_lut(arr, ds, index), ds, index)
+            if photometric == "MONOCHROME1":
+                pixels = np.subtract(np.float32(1.0), pixels, dtype=np.float32)
     meta = dicom_metadata(ds)
     meta.update(
         rows=header.rows, columns=header.cols, frames=header.frames, n_frames=header.frames, frame=index,
@@ -784,18 +812,26 @@ def _read_raster(path: Path, pixel_budget: int) -> ImageRecord:
     return ImageRecord(pixels=np.clip(pixels, 0, 1).astype(np.float32), meta=meta)
 
 
-def to_png_bytes(pixels: np.ndarray, max_side: int | None = None) -> bytes:
-    """Encode display-ready pixels as a 16-bit grayscale (or 8-bit RGB) PNG."""
+def resize_pixels(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Shrink (never enlarge) so that the longest side is at most ``max_side``, by area averaging."""
     from PIL import Image
 
     h, w = pixels.shape[:2]
-    if max_side and max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        chans = [pixels] if pixels.ndim == 2 else [pixels[..., c] for c in range(pixels.shape[-1])]
-        resized = [np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX))
-                   for c in chans]
-        pixels = resized[0] if pixels.ndim == 2 else np.stack(resized, -1)
+    if not max_side or max(h, w) <= max_side:
+        return pixels
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    chans = [pixels] if pixels.ndim == 2 else [pixels[..., c] for c in range(pixels.shape[-1])]
+    resized = [np.asarray(Image.fromarray(np.asarray(c, dtype=np.float32), mode="F").resize(size, Image.Resampling.BOX))
+               for c in chans]
+    return resized[0] if pixels.ndim == 2 else np.stack(resized, -1)
+
+
+def to_png_bytes(pixels: np.ndarray, max_side: int | None = None) -> bytes:
+    """Encode display-ready pixels (shrunk to ``max_side``) as a 16-bit grayscale (or 8-bit RGB) PNG."""
+    from PIL import Image
+
+    pixels = resize_pixels(pixels, max_side)
     pixels = np.clip(pixels, 0, 1)
     if pixels.ndim == 3:
         im = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="RGB")
