@@ -64,3 +64,38 @@ def match_loss(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor | None =
 def same_text_targets(text: tf.Tensor) -> tf.Tensor:
     """(B,) strings -> (B, B) 0/1 matrix marking identical reports (multi-positive targets)."""
     return tf.cast(tf.equal(text[:, None], text[None, :]), tf.float32)
+
+
+def same_key_targets(keys: tf.Tensor) -> tf.Tensor:
+    """(B,) integer keys (e.g. hashes of the report text) -> (B, B) 0/1 matrix of equal keys."""
+    return tf.cast(tf.equal(keys[:, None], keys[None, :]), tf.float32)
+
+
+def gather_replicas(*tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """All-gather (along axis 0) tensors across the replicas of a ``tf.distribute`` strategy, so
+    that a contrastive loss sees the global batch's negatives (open_clip's gather-with-grad).
+
+    Differentiable: the gradient reaching each replica's input is the sum over replicas of the
+    gradients of its slice of the gathered tensor. With each replica minimising loss / R and the
+    replicas' gradients summed, that is the gradient of the global-batch loss. Outside a
+    multi-replica context the tensors come back unchanged.
+
+    The (B, D) float tensors travel as one concatenated collective, the others one each: a
+    single differentiable gather keeps the collectives of the backward pass in the same order
+    on every replica (several can be emitted in a different order per replica and deadlock).
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tensors
+    floats = [i for i, t in enumerate(tensors) if t.dtype.is_floating]
+    out: list[tf.Tensor | None] = [None] * len(tensors)
+    if floats:
+        widths = [int(tensors[i].shape[-1]) for i in floats]
+        joined = tf.concat([tf.cast(tensors[i], tf.float32) for i in floats], axis=1)
+        parts = tf.split(ctx.all_gather(joined, axis=0), widths, axis=1)
+        for i, part in zip(floats, parts):
+            out[i] = tf.cast(part, tensors[i].dtype)
+    for i, t in enumerate(tensors):
+        if out[i] is None:
+            out[i] = ctx.all_gather(tf.stop_gradient(t), axis=0)
+    return tuple(out)

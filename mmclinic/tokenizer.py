@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from mmclinic.data.preprocess import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+from mmclinic.data.preprocess import SPECIAL_TOKENS
 from mmclinic.errors import UsageError
 
 
@@ -36,19 +36,43 @@ def load_vocabulary(path: str | Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-class ReportTokenizer:
-    """Text -> (token_ids, padding_mask) of a fixed length, usable in tf.data and in graphs."""
+def vocabulary_is_cased(vocab: list[str]) -> bool:
+    """True when the vocabulary holds upper-case word pieces (a cased BERT): an uncased
+    vocabulary has none besides its bracketed special tokens, and its text must be lower-cased."""
+    return any(t != t.lower() for t in vocab if not (t.startswith("[") and t.endswith("]")))
 
-    def __init__(self, vocab: list[str], sequence_length: int) -> None:
+
+class ReportTokenizer:
+    """Text -> (token_ids, padding_mask) of a fixed length, usable in tf.data and in graphs.
+
+    Works for the vocabulary learned from training reports and for a pretrained BERT's
+    ``vocab.txt`` alike: the special-token ids are looked up in the vocabulary, and text is
+    lower-cased with accents stripped exactly when the vocabulary is uncased (as Hugging Face's
+    BertTokenizer does for ``do_lower_case``; keras-hub's own ``BertTokenizer`` keeps accents,
+    which turns e.g. "Ménière" into [UNK]).
+    """
+
+    def __init__(self, vocab: list[str], sequence_length: int, lowercase: bool | None = None) -> None:
         import keras_hub
 
         self.vocab = vocab
         self.sequence_length = sequence_length
+        index = {t: i for i, t in enumerate(vocab)}
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in index]
+        if missing:
+            raise UsageError(f"vocabulary lacks the special tokens {', '.join(missing)}")
+        self.pad_id, self.cls_id, self.sep_id = index["[PAD]"], index["[CLS]"], index["[SEP]"]
+        self.lowercase = (not vocabulary_is_cased(vocab)) if lowercase is None else lowercase
         self.wordpiece = keras_hub.tokenizers.WordPieceTokenizer(
-            vocabulary=vocab, lowercase=True, strip_accents=True, dtype="int32")
+            vocabulary=vocab, lowercase=self.lowercase, strip_accents=self.lowercase, dtype="int32")
         self.packer = keras_hub.layers.StartEndPacker(
-            sequence_length=sequence_length, start_value=CLS_ID, end_value=SEP_ID, pad_value=PAD_ID,
-            return_padding_mask=True)
+            sequence_length=sequence_length, start_value=self.cls_id, end_value=self.sep_id,
+            pad_value=self.pad_id, return_padding_mask=True)
+
+    @classmethod
+    def from_preset(cls, folder: str | Path, sequence_length: int) -> "ReportTokenizer":
+        """The tokenizer of a local Hugging Face BERT checkpoint folder (its ``vocab.txt``)."""
+        return cls(load_vocabulary(Path(folder) / "vocab.txt"), sequence_length)
 
     def __call__(self, text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         ids, mask = self.packer(self.wordpiece(text))

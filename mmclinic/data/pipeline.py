@@ -25,11 +25,17 @@ def read_split(dataset: str | Path, split: str) -> tf.data.Dataset:
 
 
 def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, batch_size: int, *,
-                 training: bool, seed: int = 0, repeat: bool | None = None) -> tf.data.Dataset:
+                 training: bool, seed: int = 0, repeat: bool | None = None, skip_batches: int = 0) -> tf.data.Dataset:
     """Batches of ``{"image", "token_ids", "padding_mask", "swapped_ids", "swapped_mask", ...}``.
 
     ``swapped_*`` is the same report with left and right exchanged: a negative for the
     match head wherever the report names a side.
+
+    Training order is a function of ``seed`` and the position in the stream (seeded shuffle,
+    example ``k`` augmented with the stateless seed (``seed``, ``k``)). ``skip_batches`` starts
+    the stream after that many batches, so a resumed run sees the batches an uninterrupted one
+    would (bit for bit with ``data.deterministic``). Skipped examples still pass the shuffle
+    (and, without ``data.cache``, the decoder): cheap next to training steps.
     """
     ds = read_split(dataset, split)
     size = cfg.image_size
@@ -47,9 +53,13 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
         ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
+    if training:
+        # Example k of the stream is augmented with seed (seed, k); a resumed run skips the
+        # examples its earlier steps consumed (the order is a function of the step).
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
+        if skip_batches:
+            ds = ds.skip(skip_batches * batch_size)
     if training and cfg.augment:
-        counter = tf.data.Dataset.counter()
-        ds = tf.data.Dataset.zip((ds, counter))
 
         def aug(ex, i):
             ex = dict(ex)
@@ -57,6 +67,8 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
             return ex
 
         ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic or None)
+    elif training:
+        ds = ds.map(lambda ex, i: ex)
     ds = ds.batch(batch_size, drop_remainder=training)
 
     def tokenize(ex):

