@@ -21,15 +21,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def dataset_version(dataset: Path) -> str:
-    """A hash of the dataset's content: manifest, reports and images (by their sha256)."""
-    manifest = pd.read_parquet(dataset / "manifest.parquet")
-    reports = pd.read_parquet(dataset / "reports.parquet")
+def frames_version(manifest: pd.DataFrame, reports: pd.DataFrame) -> str:
+    """A hash of a dataset's content: manifest and reports rows (images enter by their sha256).
+
+    Rows are hashed one at a time, so memory does not grow with the dataset.
+    """
     h = hashlib.sha256()
-    h.update(manifest.sort_values("image_id").to_csv(index=False).encode())
-    if len(reports):
-        h.update(reports.sort_values("report_id").to_csv(index=False).encode())
+    for frame, key in ((manifest, "image_id"), (reports, "report_id")):
+        if not len(frame):
+            continue
+        h.update(",".join(frame.columns).encode() + b"\n")
+        for row in frame.sort_values(key).itertuples(index=False, name=None):
+            h.update(repr(row).encode() + b"\n")
     return h.hexdigest()[:16]
+
+
+def dataset_version(dataset: Path) -> str:
+    """:func:`frames_version` of a dataset folder."""
+    return frames_version(pd.read_parquet(dataset / "manifest.parquet"), pd.read_parquet(dataset / "reports.parquet"))
 
 
 def _dist(series: pd.Series) -> dict[str, int]:

@@ -32,6 +32,9 @@ from mmclinic import errors
 
 IDENTITY_TAGS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers",
                  "InstitutionName", "InstitutionAddress", "StudyID")
+MANIFEST_META = ("modality", "view", "laterality", "source_format", "photometric", "sex", "age_band", "manufacturer",
+                 "body_part", "rows", "columns", "burned_in_annotation", "frame", "pixel_spacing")
+"""The metadata ingest keeps per image (everything else stays in the worker)."""
 NAME_TAGS = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName")
 
 
@@ -111,7 +114,7 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
             png = to_png_bytes(small)
             name = f"{index}-{f}.png"
             (Path(settings.out_dir) / name).write_bytes(png)
-            meta = dict(rec.meta)
+            meta = {k: rec.meta.get(k) for k in MANIFEST_META if k in rec.meta}
             images.append({"png": name, "sha256": hashlib.sha256(png).hexdigest(),
                            "phash": perceptual_hash(small), "meta": meta})
         return {"ok": True, "index": index, "ident": ident, "images": images}

@@ -121,6 +121,25 @@ def _model_text(sections: dict[str, str], policy: str) -> str:
     return reports_mod.model_text(parsed, policy)
 
 
+def _release_memory() -> None:
+    """Hand freed heap back to the operating system (glibc keeps it otherwise), so that peak
+    resident memory tracks what is live rather than what was ever allocated."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        import pyarrow
+
+        pyarrow.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _spacing(value: Any) -> str:
     """Pixel spacing (row\\column, mm) as text; empty when the file has none."""
     if value is None or value == "":
@@ -205,25 +224,24 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
                               deid_key_hex=key.hex() if options.write_dicom else None)
     workers = options.workers or os.cpu_count() or 1
     jobs = [{"index": i, "path": str(job.path)} for i, job in enumerate(scan.images)]
-    results: dict[int, dict[str, Any]] = {}
-    for res in decode_all(jobs, settings, workers, options.decode_timeout):
-        results[res["index"]] = res
 
-    # ----- pair each decoded image with its report
+    # ----- pair each decoded image with its report, in input order as results stream in (a
+    # reorder buffer keeps "first file wins" deterministic; memory holds only what pairing keeps)
     identities: dict[str, set[str]] = collections.defaultdict(set)
     names: dict[str, set[str]] = collections.defaultdict(set)
     paired: list[tuple[ImageJob, dict[str, Any], ReportRow | None, str]] = []
     seen_uid: set[str] = set()
     decode_failures = 0
     failed_reports: set[str] = set()
-    for i, job in enumerate(scan.images):
-        res = results[i]
+
+    def pair(job: ImageJob, res: dict[str, Any]) -> None:
+        nonlocal decode_failures
         if not res["ok"]:
             decode_failures += 1
             refuse(job.rel, res["reason"], res["message"], "image")
             if job.report_key is not None:
                 failed_reports.add(job.report_key)
-            continue
+            return
         ident = res["ident"]
         if job.report_key is not None:
             row = reports.get(job.report_key)
@@ -234,22 +252,31 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
         if uid in seen_uid:
             what = "tag SOPInstanceUID" if ident.get("SOPInstanceUID") else "its image identifier"
             refuse(job.rel, "duplicate", f"{Path(job.rel).name}: {what} repeats an earlier file", "image")
-            continue
+            return
         patient_id = (job.patient_id or ident.get("PatientID", "") or (row.patient_id if row else "")).strip()
         if not patient_id:
             refuse(job.rel, "missing_patient", f"{Path(job.rel).name}: empty tag PatientID and no patient_id in the "
                                                "report row; patient-level splitting needs one", "image")
-            continue
+            return
         if row is None and options.unpaired == "quarantine":
             field = "tag AccessionNumber or StudyInstanceUID" if job.report_key is None else "its report key"
             refuse(job.rel, "missing_report", f"{Path(job.rel).name}: no report matches {field}", "image")
-            continue
+            return
         seen_uid.add(uid)
         if row is not None:
             identities[row.key].update(v for k, v in ident.items() if v and k not in NAME_TAGS)
             identities[row.key].update(row.identities)
             names[row.key].update(ident[k] for k in NAME_TAGS if ident.get(k))
-        paired.append((job, res, row, patient_id))
+        keep = {k: ident.get(k, "") for k in ("SOPInstanceUID", "StudyInstanceUID", "StudyDate")}
+        paired.append((job, {"ident": keep, "images": res["images"]}, row, patient_id))
+
+    waiting: dict[int, dict[str, Any]] = {}
+    next_index = 0
+    for res in decode_all(jobs, settings, workers, options.decode_timeout):
+        waiting[res["index"]] = res
+        while next_index in waiting:
+            pair(scan.images[next_index], waiting.pop(next_index))
+            next_index += 1
 
     # ----- reports: de-identify with the identities of their own studies, then sections and model text
     audit: collections.Counter[str] = collections.Counter()
@@ -257,6 +284,9 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     used = {row.key for _, _, row, _ in paired if row is not None}
     for key, row in reports.items():
         sections = _report_sections(row, identities[key], names[key], audit)
+        row.text, row.sections = "", None  # the identifying original is no longer needed
+        identities.pop(key, None)
+        names.pop(key, None)
         text = _model_text(sections, text_policy)
         if not text.strip():
             refuse(row.where, "empty_report", f"{row.where}: empty report text under text policy {text_policy}",
@@ -319,7 +349,11 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     shutil.rmtree(decoded_dir)
 
     # ----- splits: patients linked by identical or near-identical images form one group
+    paired.clear()  # memory stays flat: per-image metadata lives in one table from here on
     all_rows = pd.DataFrame(manifest_rows + unpaired_rows, columns=[*MANIFEST_COLUMNS, "_source_split"])
+    manifest_rows.clear()
+    unpaired_rows.clear()
+    _release_memory()
     groups = splits.duplicate_groups(all_rows, options.near_duplicate_bits)
     all_rows["dup_group"] = all_rows["image_id"].map(groups.image_group)
     split_of, moved = splits.assign_group_splits(all_rows, groups, pseudo, options.split_ratios,
@@ -341,6 +375,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
 
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
     reports_df.to_parquet(tmp / "reports.parquet", index=False)
+    _release_memory()
     if len(unpaired):
         unpaired.to_parquet(tmp / "unpaired_images.parquet", index=False)
     qdf = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).sort_values("source_path", kind="stable")
@@ -349,7 +384,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     if accepted_inputs + q_images != n_image_inputs or len(report_records) + q_reports != n_report_inputs:
         raise errors.MmclinicError("internal accounting error: accepted + quarantined != inputs")
     shards.write_shards(tmp, manifest, reports_df, options.shard_size)
-    version = cards.dataset_version(tmp)
+    version = cards.frames_version(manifest, reports_df)
     flow = {
         "image_inputs": n_image_inputs,
         "decoded": n_image_inputs - decode_failures - sum(q["kind"] == "image" for q in scan.quarantine),
