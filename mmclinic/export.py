@@ -104,13 +104,19 @@ def _next_version(base: Path) -> int:
 
 def _model_card(name: str, version: int, run_info: dict[str, Any], config, checks: dict[str, Any]) -> str:
     v = checks["validation"]
+    m = config.model
+    text = {"small_bert": f"small BERT from scratch ({m.text_layers} layers, hidden {m.text_hidden}, learned WordPiece "
+                          "vocabulary)",
+            "minilm": "pretrained all-MiniLM-L6-v2 (6 layers, hidden 384, its own vocabulary)",
+            "bert_preset": "pretrained BERT from a local checkpoint folder"}.get(m.text_tower, m.text_tower)
+    image = f"`{m.image_tower}`" + (" from a local weights file" if m.image_weights else " trained from scratch")
     return f"""# Model card: {name} version {version}
 
 - Exported: {dt.date.today().isoformat()} by `mmclinic export`
 - Config hash: `{config.hash()}`; experiment `{config.name}`: {config.description}
 - Training data: dataset version `{run_info.get('dataset_version')}` (see its data card)
-- Architecture: image tower `{config.model.image_tower}` ({config.data.image_size} px grayscale),
-  text tower `{config.model.text_tower}` ({config.model.text_layers} layers, hidden {config.model.text_hidden}),
+- Architecture: image tower {image} ({config.data.image_size} px grayscale),
+  text tower `{m.text_tower}`: {text} ({m.text_pooling} pooling),
   embedding {config.model.embed_dim}; trained {run_info.get('step')} steps with the `{config.train.loss}` loss
   and a match head.
 
