@@ -60,7 +60,8 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
                     manifest: pd.DataFrame, reports: pd.DataFrame, quarantine: pd.DataFrame,
                     audit: collections.Counter[str], options: dict[str, Any], version: str,
                     tables: list[str] | None = None, notes: list[str] | None = None,
-                    duplicates: dict[str, int] | None = None, unpaired_images: int = 0) -> Path:
+                    duplicates: dict[str, int] | None = None, unpaired_images: int = 0,
+                    provenance: str = "") -> Path:
     by_split = {}
     for split in ("train", "val", "test"):
         rows = manifest[manifest["split"] == split]
@@ -77,6 +78,7 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
         "created": dt.date.today().isoformat(),
         "source_format": source_format,
         "source_tables": list(tables or []),
+        "source_provenance": provenance,
         "counts": {
             # After each step: what the source held, what decoded, what paired, what was accepted.
             **flow,

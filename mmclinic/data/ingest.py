@@ -400,7 +400,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
         quarantine=qdf, audit=audit, options=opts, version=version, tables=scan.tables, notes=scan.notes,
         duplicates={"exact_groups": groups.n_exact, "near_duplicate_links": groups.n_near,
                     "groups_spanning_patients": groups.n_multi_patient, "moved_by_source_policy": moved},
-        unpaired_images=len(unpaired),
+        unpaired_images=len(unpaired), provenance=scan.provenance,
     )
     (tmp / "dataset.json").write_text(json.dumps({"version": version, "format": fmt, "name": out.name},
                                                  indent=2) + "\n")

@@ -74,6 +74,7 @@ class SourceScan:
     default_text_policy: str = "both"
     notes: list[str] = dataclasses.field(default_factory=list)
     """Facts about the source for the data card's known limitations."""
+    provenance: str = "supplied by the user; record its origin and licence in this card"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +340,9 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
         quarantine.append({"source_path": path.relative_to(source).as_posix(), "reason_code": "missing_report",
                            "kind": "image", "message": f"{path.name}: not listed in any descriptions_*.jsonl"})
     return SourceScan("medpix2", images, reports, quarantine, tables, default_text_policy="caption",
+                      provenance="MedPix 2.0 (Siragusa et al., Data Science and Engineering, 2025, "
+                                 "doi 10.1007/s41019-025-00297-8); images from the U.S. National Library of "
+                                 "Medicine's MedPix teaching files; no licence file ships with it: research use",
                       notes=["MedPix cases are teaching files: U_id (one case) is used as the patient.",
                              "Many images carry burned-in text (a watermark, uploader names); PNG files declare "
                              "nothing, so it is not detected."])
@@ -395,7 +399,9 @@ def scan_iu_xray(source: Path, image_dir: str | None = None, **_: Any) -> Source
              "'XXXX' marks text removed by the original de-identification; runs of it are collapsed to one token."]
     if folder is None:
         notes.append("No image folder was found: every listed image is quarantined as missing_image.")
-    return SourceScan("iu-xray", images, reports, quarantine,
+    return SourceScan("iu-xray", images, reports, quarantine, provenance=(
+                      "Indiana University chest X-ray collection (Open-i, U.S. National Library of Medicine), "
+                      "commonly distributed under CC BY-NC-ND 4.0"), tables=
                       ["indiana_reports.csv"] + ([proj_path.name] if proj_path.is_file() else []), notes=notes)
 
 
@@ -440,7 +446,9 @@ def scan_mimic_cxr(source: Path, **_: Any) -> SourceScan:
         if f.suffix.lower() in (".dcm", ".jpg", ".jpeg", ".png", ".txt"):
             quarantine.append({"source_path": f.relative_to(source).as_posix(), "reason_code": "bad_input",
                                "kind": "image", "message": f"{f.name}: outside the pNN/pXXXXXXXX/sYYYYYYYY layout"})
-    return SourceScan("mimic-cxr", images, reports, quarantine, [])
+    return SourceScan("mimic-cxr", images, reports, quarantine, [],
+                      provenance="MIMIC-CXR (Johnson et al., Scientific Data 2019), PhysioNet credentialed access "
+                                 "under its data use agreement")
 
 
 SCANNERS: dict[str, Callable[..., SourceScan]] = {
