@@ -59,7 +59,8 @@ def main() -> None:
         opt.apply_gradients([(a, v) for a, v in zip(g, model.trainable_variables) if a is not None])
         return loss
 
-    ds = make_dataset(tmp / "ds", "train", cfg.data, tok, bs, training=True, seed=0)
+    # Only the features the step reads, as train() asks for its own.
+    ds = make_dataset(tmp / "ds", "train", cfg.data, tok, bs, training=True, seed=0, keys=keys)
     it = iter(ds)
     memory = [{k: next(it)[k] for k in keys} for _ in range(8)]
     step(memory[0]).numpy()  # trace once

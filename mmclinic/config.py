@@ -65,6 +65,31 @@ class ModelConfig:
     dropout: float = 0.0
 
 
+MISMATCH_KINDS = ("other_patient", "other_patient_same_findings", "same_patient_other_study", "laterality_swap",
+                  "negation", "finding_swap")
+"""Kinds of mismatch negatives for the match head (``train.mismatch_kinds``)."""
+
+
+def parse_mismatch_kinds(items: typing.Sequence[str], key: str = "train.mismatch_kinds") -> dict[str, float]:
+    """``("negation:1", "finding_swap:0.5")`` -> ``{"negation": 1.0, "finding_swap": 0.5}`` (weight 0 dropped)."""
+    out: dict[str, float] = {}
+    for item in items:
+        kind, sep, raw = str(item).partition(":")
+        kind = kind.strip()
+        if kind not in MISMATCH_KINDS:
+            raise ConfigError(f"config key '{key}': unknown kind {kind!r} (allowed: {', '.join(MISMATCH_KINDS)})")
+        try:
+            weight = float(raw) if sep else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not weight >= 0 or weight == float("inf"):
+            raise ConfigError(f"config key '{key}': weight of {kind!r} must be a number >= 0, got {raw!r}")
+        if kind in out:
+            raise ConfigError(f"config key '{key}': kind {kind!r} given twice")
+        out[kind] = weight
+    return {k: w for k, w in out.items() if w > 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping."""
@@ -78,6 +103,12 @@ class TrainConfig:
     loss: Literal["clip", "sigmoid"] = "clip"
     match_weight: float = 0.5
     """Weight of the match/mismatch objective next to the contrastive one."""
+    mismatch_kinds: tuple[str, ...] = tuple(f"{k}:1" for k in MISMATCH_KINDS)
+    """Negatives the match head learns, as ``kind:weight`` (weight >= 0; a kind left out or
+    weighted 0 is off): ``other_patient`` (another report of the batch), ``other_patient_same_findings``
+    (another patient's report stating the same findings), ``same_patient_other_study``,
+    ``laterality_swap``, ``negation`` (one stated finding negated), ``finding_swap`` (one stated
+    finding's term replaced by another's). Built from the training split, seeded by ``seed``."""
     seed: int = 0
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     """``mirrored``: every local GPU (or every logical CPU device when there is no GPU);
@@ -290,6 +321,10 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(f"config key '{prefix}.text_lr_multiplier' must be >= 0, got {obj.text_lr_multiplier}")
         if not 0 < obj.layer_decay <= 1:
             raise ConfigError(f"config key '{prefix}.layer_decay' must be in (0, 1], got {obj.layer_decay}")
+        kinds = parse_mismatch_kinds(obj.mismatch_kinds, f"{prefix}.mismatch_kinds")
+        if obj.match_weight > 0 and not kinds:
+            raise ConfigError(f"config key '{prefix}.mismatch_kinds' needs a kind with weight > 0 while "
+                              f"'{prefix}.match_weight' is > 0")
     if isinstance(obj, ModelConfig) and (obj.text_tower == "bert_preset") != (obj.text_preset is not None):
         raise ConfigError(f"config key '{prefix}.text_preset' names the checkpoint folder of text_tower "
                           f"'bert_preset' and only of it (text_tower is {obj.text_tower!r})")

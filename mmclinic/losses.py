@@ -61,6 +61,34 @@ def match_loss(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor | None =
     return tf.reduce_sum(per * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
 
+def match_loss_by_kind(positive_logits: tf.Tensor, negative_logits: dict[str, tf.Tensor],
+                       available: dict[str, tf.Tensor], weights: dict[str, float],
+                       positive_weight: float | None = None) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """:func:`match_loss` over true pairs (label 1) and negatives of several kinds (label 0).
+
+    positive_logits: (B,); negative_logits[k], available[k]: (B,) logits and 0/1 (or bool) masks,
+    a row counting only where its kind exists; weights[k]: the kind's weight. The true pairs weigh
+    ``positive_weight`` each (default: the sum of the kinds' weights, as many as one negative of
+    every kind). Returns the weighted mean and, per kind ``k``, ``match_<k>`` (mean loss over the
+    rows where it exists, 0 where none does) and ``share_<k>`` (the share of rows where it exists),
+    plus ``match_true_pair``.
+    """
+    n = tf.shape(positive_logits)[0]
+    kinds = list(negative_logits)
+    if positive_weight is None:
+        positive_weight = sum(weights[k] for k in kinds) or 1.0
+    oks = [tf.cast(available[k], tf.float32) for k in kinds]
+    logits = tf.concat([tf.cast(positive_logits, tf.float32)]
+                       + [tf.cast(negative_logits[k], tf.float32) for k in kinds], 0)
+    labels = tf.concat([tf.ones([n])] + [tf.zeros([n])] * len(kinds), 0)
+    w = tf.concat([positive_weight * tf.ones([n])] + [weights[k] * ok for k, ok in zip(kinds, oks)], 0)
+    parts = {"match_true_pair": match_loss(positive_logits, tf.ones([n]))}
+    for k, ok in zip(kinds, oks):
+        parts[f"match_{k}"] = match_loss(negative_logits[k], tf.zeros([n]), ok)
+        parts[f"share_{k}"] = tf.reduce_mean(ok)
+    return match_loss(logits, labels, w), parts
+
+
 def same_text_targets(text: tf.Tensor) -> tf.Tensor:
     """(B,) strings -> (B, B) 0/1 matrix marking identical reports (multi-positive targets)."""
     return tf.cast(tf.equal(text[:, None], text[None, :]), tf.float32)

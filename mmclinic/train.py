@@ -188,7 +188,9 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
     import tensorflow as tf
 
     from mmclinic import losses
+    from mmclinic.config import parse_mismatch_kinds
     from mmclinic.data.cards import file_sha256
+    from mmclinic.data.negatives import TABLE_KINDS, split_negatives
     from mmclinic.data.pipeline import make_dataset
     from mmclinic.evaluate import RunScorer, compute_report, headline, load_split
     from mmclinic.models.dual_encoder import from_model_config
@@ -212,6 +214,10 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
                  or learn_vocabulary(sorted(train_reports["text"]), config.model.vocab_size))
         save_vocabulary(vocab, vocab_path)
     tokenizer = ReportTokenizer(vocab, config.data.max_length)
+    # Mismatch negatives for the match head, from the training split only (seeded, per report).
+    kind_weights = parse_mismatch_kinds(tc.mismatch_kinds)
+    table_kinds = [k for k in TABLE_KINDS if k in kind_weights]
+    negatives = split_negatives(data, "train", tc.seed, table_kinds)
 
     replicas = strategy.num_replicas_in_sync
     global_batch = tc.batch_size * replicas
@@ -269,6 +275,9 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
                           "model.trainable_params": sum(int(np.prod(v.shape)) for v in train_vars),
                           "model.non_trainable_params": n_frozen,
                           "train.replicas": replicas, "train.global_batch": global_batch})
+        mlrun.log_params({f"train.negatives.{k}": n for k, n in negatives.counts().items()}
+                         | {"train.negatives.reports": len(negatives.report_ids),
+                            "train.negatives.findings_source": negatives.findings_source})
         mlrun.log_dataset(data, info.get("name", data.name), manifest_sha)
         mlrun.log_artifact(workdir / "config.yaml")
         if (data / "data_card.md").is_file():
@@ -279,20 +288,24 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
                 mlrun.log_artifact(path, "environment")
 
     scalars = Scalars(workdir / "tensorboard" if chief else None)
+    keys = ("image", "token_ids", "padding_mask", "swapped_ids", "swapped_mask", "has_side", "text", "patient_key",
+            "norm_key", *(f"neg_{k}_{part}" for k in table_kinds for part in ("ids", "mask", "ok")))
     ds = make_dataset(data, "train", config.data, tokenizer, global_batch, training=True, seed=tc.seed,
-                      skip_batches=start)
+                      skip_batches=start, negatives=negatives, keys=keys)
     options = tf.data.Options()
     # Every worker reads the same stream and keeps its slice of each global batch.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dist_ds = iter(strategy.experimental_distribute_dataset(ds.with_options(options)))
-    keys = ("image", "token_ids", "padding_mask", "swapped_ids", "swapped_mask", "has_side", "text")
+    # Text negatives, encoded in one call: the in-graph laterality swap and the precomputed tables.
+    text_kinds = [k for k in ("laterality_swap", *table_kinds) if k in kind_weights]
+    # The true pair weighs as much as one negative of every kind (balanced classes).
+    positive_weight = sum(kind_weights.values()) or 1.0
     gather = replicas > 1 and tc.global_negatives
 
     def step_fn(batch):
         with tf.GradientTape() as tape:
             img = model.encode_image(batch["image"], training=True)
             txt = model.encode_text(batch["token_ids"], batch["padding_mask"], training=True)
-            swp = model.encode_text(batch["swapped_ids"], batch["swapped_mask"], training=True)
             key = batch["text_key"]
             # The global batch's negatives (differentiable all-gather, see losses.gather_replicas).
             img_all, txt_all, key_all = losses.gather_replicas(img, txt, key) if gather else (img, txt, key)
@@ -301,14 +314,25 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
                 contrastive = losses.clip_loss(img_all, txt_all, model.logit_scale, targets)
             else:
                 contrastive = losses.sigmoid_loss(img_all, txt_all, model.logit_scale, model.logit_bias, targets)
-            rolled = tf.roll(txt, 1, 0)
-            same_as_rolled = tf.equal(key, tf.roll(key, 1, 0))
-            n = tf.shape(img)[0]
-            logits = tf.concat([model.match_logits(img, txt), model.match_logits(img, rolled),
-                                model.match_logits(img, swp)], 0)
-            labels = tf.concat([tf.ones([n]), tf.cast(same_as_rolled, tf.float32), tf.zeros([n])], 0)
-            weights = tf.concat([2.0 * tf.ones([n]), tf.ones([n]), tf.cast(batch["has_side"], tf.float32)], 0)
-            match = losses.match_loss(logits, labels, weights)
+            # The match head: each image with its own report, and with one negative of every
+            # enabled kind where that kind exists for the image's report (``ok``). A negative the
+            # same as the own report after normalisation never counts.
+            negs = []  # (kind, text embeddings, ok)
+            if "other_patient" in kind_weights:
+                norm_key, patient = batch["norm_key"], batch["patient_key"]
+                other = tf.logical_and(tf.not_equal(norm_key, tf.roll(norm_key, 1, 0)),
+                                       tf.not_equal(patient, tf.roll(patient, 1, 0)))
+                negs.append(("other_patient", tf.roll(txt, 1, 0), other))
+            if text_kinds:
+                ids = [batch["swapped_ids"] if k == "laterality_swap" else batch[f"neg_{k}_ids"] for k in text_kinds]
+                masks = [batch["swapped_mask"] if k == "laterality_swap" else batch[f"neg_{k}_mask"]
+                         for k in text_kinds]
+                emb = model.encode_text(tf.concat(ids, 0), tf.concat(masks, 0), training=True)
+                for k, e in zip(text_kinds, tf.split(emb, len(text_kinds), 0)):
+                    negs.append((k, e, batch["has_side"] if k == "laterality_swap" else batch[f"neg_{k}_ok"]))
+            match, per_kind = losses.match_loss_by_kind(
+                model.match_logits(img, txt), {k: model.match_logits(img, e) for k, e, _ in negs},
+                {k: ok for k, _, ok in negs}, kind_weights, positive_weight)
             total = contrastive + tc.match_weight * match
             # Each replica's share: gradients are summed over replicas below. With gathered
             # negatives every replica computes the same global contrastive term, and the sum of
@@ -321,7 +345,7 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
         if replicas > 1:
             summed = tf.distribute.get_replica_context().all_reduce("SUM", summed)
         optimizer.apply(summed, [v for _, v in pairs])
-        return {"loss": total, "contrastive": contrastive, "match": match}
+        return {"loss": total, "contrastive": contrastive, "match": match, **per_kind}
 
     compiled_step = tf.function(step_fn, jit_compile=True) if tc.jit_compile else step_fn
 
@@ -329,6 +353,7 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
         batch = dict(batch)
         # Strings stay outside XLA and collectives: identical reports share a 63-bit key.
         batch["text_key"] = tf.strings.to_hash_bucket_fast(batch.pop("text"), 2 ** 63 - 1)
+        batch["patient_key"] = tf.strings.to_hash_bucket_fast(batch["patient_key"], 2 ** 63 - 1)
         return compiled_step(batch)
 
     @tf.function
@@ -369,7 +394,7 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
             say(f"run already complete at step {start}/{tc.steps}")
         for step in range(start + 1, end + 1):
             batch = next(dist_ds)
-            out = train_step({k: batch[k] for k in keys})
+            out = train_step(batch)
             step_var.assign(step)
             if t1 is None:
                 t1, first_done = time.time(), step

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmclinic.config import load_config
+from mmclinic.config import MISMATCH_KINDS, load_config
+from mmclinic.data.negatives import TABLE_KINDS
 
 from conftest import REPO
 
@@ -62,6 +63,12 @@ def test_run_registers_its_model_and_logs_lineage(straight_run, dataset):
                 "val.text_to_image.R_at_1", "val.mismatch.auroc", "train.examples_per_second"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "train.loss")) == 4  # every log_every steps
+    # Every mismatch kind (all on by default) is learned and logged: its loss and its share of rows.
+    for kind in MISMATCH_KINDS:
+        assert f"train.match_{kind}" in run.data.metrics and f"train.share_{kind}" in run.data.metrics, kind
+        assert 0 < run.data.metrics[f"train.share_{kind}"] <= 1, kind
+    for kind in TABLE_KINDS:
+        assert int(run.data.params[f"train.negatives.{kind}"]) > 0, kind
     assert run.data.params["data.manifest_sha256"] and run.data.tags["mmclinic.git_commit"]
     assert run.data.tags["mmclinic.weights_sha256"] == straight_run.weights_sha256
     (inp,) = run.inputs.dataset_inputs

@@ -19,20 +19,38 @@ def decode_image(png_or_jpeg: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def augment_image(img: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> tf.Tensor:
-    """Radiograph-safe augmentation: small zoom/shift crop, brightness and contrast jitter.
+    """Radiograph-safe augmentation of one (size, size, C) image: :func:`augment_images` of a
+    batch of one."""
+    return augment_images(img[None], seed, hflip)[0]
+
+
+def augment_images(images: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> tf.Tensor:
+    """Radiograph-safe augmentation of a batch (B, size, size, C) in [0, 1], each image its own
+    draw: a small zoom/shift crop (85-100 % of the side, resampled bilinearly to the full size),
+    brightness and contrast jitter.
 
     No horizontal flip unless asked: a flip swaps left and right, which reports name.
-    ``seed`` is a shape-[2] int tensor (stateless ops, reproducible).
+    ``seed`` is a shape-[2] int tensor for the whole batch (stateless ops, reproducible).
     """
-    size = tf.shape(img)[0]
-    s = tf.random.stateless_uniform([], seed, 0.85, 1.0)
-    crop = tf.cast(tf.cast(size, tf.float32) * s, tf.int32)
-    img = tf.image.stateless_random_crop(img, [crop, crop, 1], seed + 1)
-    img = tf.image.resize(img, [size, size], method="area")
-    img = tf.image.stateless_random_brightness(img, 0.08, seed + 2)
-    img = tf.image.stateless_random_contrast(img, 0.85, 1.15, seed + 3)
+    images = tf.cast(images, tf.float32)
+    b = tf.shape(images)[0]
+    size = images.shape[1] if images.shape[1] is not None else tf.shape(images)[1]
+    side = tf.cast(size, tf.float32)
+    crop = tf.floor(side * tf.random.stateless_uniform([b], seed, 0.85, 1.0))
+    y0 = tf.floor(tf.random.stateless_uniform([b], seed + 1) * (side - crop + 1.0))
+    x0 = tf.floor(tf.random.stateless_uniform([b], seed + 2) * (side - crop + 1.0))
+    y0, x0 = tf.minimum(y0, side - crop), tf.minimum(x0, side - crop)
+    # Box corners at the centres of the crop's first and last pixels (crop_and_resize's convention).
+    last = tf.maximum(side - 1.0, 1.0)
+    boxes = tf.stack([y0 / last, x0 / last, (y0 + crop - 1.0) / last, (x0 + crop - 1.0) / last], axis=1)
+    img = tf.image.crop_and_resize(images, boxes, tf.range(b), tf.stack([size, size]), method="bilinear")
+    img = img + tf.random.stateless_uniform([b, 1, 1, 1], seed + 3, -0.08, 0.08)
+    factor = tf.random.stateless_uniform([b, 1, 1, 1], seed + 4, 0.85, 1.15)
+    mean = tf.reduce_mean(img, axis=[1, 2], keepdims=True)
+    img = (img - mean) * factor + mean
     if hflip:
-        img = tf.image.stateless_random_flip_left_right(img, seed + 4)
+        flip = tf.random.stateless_uniform([b], seed + 5) < 0.5
+        img = tf.where(flip[:, None, None, None], tf.reverse(img, axis=[2]), img)
     return tf.clip_by_value(img, 0.0, 1.0)
 
 

@@ -1,0 +1,150 @@
+"""Mismatch negatives for the match head, precomputed from one split (the training split).
+
+For every report of the split, at most one text per kind, chosen deterministically from the
+seed and the report id (so a report's variants do not depend on the order of the rows):
+
+- ``other_patient_same_findings``: another patient's report stating the same findings (the
+  manifest's list-valued ``labels`` where present, else the report text rules of
+  :func:`mmclinic.corruptions.positive_findings`);
+- ``same_patient_other_study``: the same patient's report of another study;
+- ``negation``: the report with one stated finding negated (:func:`mmclinic.corruptions.negate_finding`);
+- ``finding_swap``: the report with one stated finding's term replaced (:func:`mmclinic.corruptions.swap_finding`).
+
+An empty string means the kind does not apply to that report. No text equals the report's own
+after :func:`mmclinic.corruptions.normalize_report`. The other two kinds of
+``train.mismatch_kinds`` need no table: ``other_patient`` is another report of the batch and
+``laterality_swap`` is made in the graph (:func:`mmclinic.data.preprocess.swap_laterality`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+TABLE_KINDS = ("other_patient_same_findings", "same_patient_other_study", "negation", "finding_swap")
+
+
+@dataclass(frozen=True)
+class NegativeTables:
+    """Per report id, one text per kind ("" where the kind does not apply)."""
+
+    report_ids: tuple[str, ...]
+    texts: dict[str, tuple[str, ...]]
+    """kind -> one text per report id, in ``report_ids`` order."""
+    normalized: tuple[str, ...]
+    """Each report's own text in comparison form (:func:`mmclinic.corruptions.normalize_report`)."""
+    sources: dict[str, tuple[str, ...]]
+    """For the partner kinds, the report id each text came from ("" where none)."""
+    findings_source: str = ""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.texts)
+
+    def counts(self) -> dict[str, int]:
+        """Reports with a text of each kind."""
+        return {k: sum(bool(t) for t in v) for k, v in self.texts.items()}
+
+
+def _report_seed(seed: int, report_id: str, kind: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{report_id}\x00{kind}".encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def _pick(rng: np.random.Generator, group: Sequence[int], ok: Callable[[int], bool]) -> int | None:
+    """A seeded choice among ``group``'s members that pass ``ok`` (rejection sampling first, so
+    a large group is not scanned for every report)."""
+    if len(group) > 64:
+        for _ in range(16):
+            j = group[int(rng.integers(len(group)))]
+            if ok(j):
+                return j
+    cands = [j for j in group if ok(j)]
+    return cands[int(rng.integers(len(cands)))] if cands else None
+
+
+def _report_findings(labels: Sequence[Any], texts: Sequence[str]) -> tuple[list[frozenset[str]], str]:
+    """As :func:`mmclinic.evaluate.report_findings`: list-valued label keys, else the text rules."""
+    from mmclinic.corruptions import positive_findings
+    from mmclinic.zeroshot import parse_labels
+
+    out: list[frozenset[str] | None] = []
+    for obj in parse_labels(list(labels)):
+        lists = {k: v for k, v in (obj or {}).items() if isinstance(v, list)}
+        out.append(frozenset(f"{k}:{str(x).lower()}" for k, v in lists.items() for x in v) if lists else None)
+    n_labels = sum(x is not None for x in out)
+    source = ("manifest labels" if n_labels == len(out) else "report text rules" if n_labels == 0 else
+              f"manifest labels ({n_labels} reports), report text rules ({len(out) - n_labels} reports)")
+    return [x if x is not None else positive_findings(t) for x, t in zip(out, texts)], source
+
+
+def build_negatives(report_ids: Sequence[str], texts: Sequence[str], patients: Sequence[str],
+                    studies: Sequence[str], labels: Sequence[Any] | None, seed: int,
+                    kinds: Sequence[str] = TABLE_KINDS) -> NegativeTables:
+    """Negative texts of ``kinds`` for each report (one row per report: its id, text, patient key,
+    study key and manifest ``labels``, None where absent). Deterministic for the inputs and seed."""
+    from mmclinic.corruptions import negate_finding, normalize_report, swap_finding
+
+    unknown = sorted(set(kinds) - set(TABLE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown negative kind {unknown[0]!r}; allowed: {', '.join(TABLE_KINDS)}")
+    order = sorted(range(len(report_ids)), key=lambda i: report_ids[i])
+    ids = [str(report_ids[i]) for i in order]
+    txt = [str(texts[i] or "") for i in order]
+    pat = [str(patients[i]) for i in order]
+    stu = [str(studies[i]) for i in order]
+    norm = [normalize_report(t) for t in txt]
+    findings, source = _report_findings([labels[i] for i in order] if labels is not None else [None] * len(ids), txt)
+    by_findings: dict[frozenset[str], list[int]] = {}
+    by_patient: dict[str, list[int]] = {}
+    for i in range(len(ids)):
+        by_findings.setdefault(findings[i], []).append(i)
+        by_patient.setdefault(pat[i], []).append(i)
+
+    out: dict[str, list[str]] = {k: [] for k in TABLE_KINDS if k in kinds}
+    src: dict[str, list[str]] = {k: [] for k in out if k in ("other_patient_same_findings", "same_patient_other_study")}
+    for i, rid in enumerate(ids):
+        for kind in out:
+            rng = _report_seed(seed, rid, kind)
+            text, partner = "", ""
+            if not norm[i]:
+                pass
+            elif kind in src:
+                if kind == "other_patient_same_findings":
+                    j = _pick(rng, by_findings[findings[i]], lambda j: pat[j] != pat[i] and norm[j] != norm[i])
+                else:
+                    j = _pick(rng, by_patient[pat[i]], lambda j: stu[j] != stu[i] and norm[j] != norm[i])
+                if j is not None:
+                    text, partner = txt[j], ids[j]
+            else:
+                variant = negate_finding(txt[i], rng) if kind == "negation" else swap_finding(txt[i], rng)
+                if variant and normalize_report(variant) != norm[i]:
+                    text = variant
+            out[kind].append(text)
+            if kind in src:
+                src[kind].append(partner)
+    return NegativeTables(report_ids=tuple(ids), texts={k: tuple(v) for k, v in out.items()},
+                          normalized=tuple(norm), sources={k: tuple(v) for k, v in src.items()},
+                          findings_source=source)
+
+
+def split_negatives(dataset: str | Path, split: str, seed: int, kinds: Sequence[str] = TABLE_KINDS) -> NegativeTables:
+    """:func:`build_negatives` over the reports of one split of a dataset folder (manifest and
+    reports tables): partners come from that split only."""
+    import pandas as pd
+
+    dataset = Path(dataset)
+    manifest = pd.read_parquet(dataset / "manifest.parquet")
+    reports = pd.read_parquet(dataset / "reports.parquet", columns=["report_id", "text"])
+    rows = manifest[manifest["split"] == split].sort_values("image_id")
+    cols = ["report_id", "patient_key"] + [c for c in ("study_key", "labels") if c in rows.columns]
+    # One row per report: its first image's patient, study and labels.
+    per_report = rows[cols].drop_duplicates("report_id").merge(reports, on="report_id", how="left")
+    studies = per_report["study_key"] if "study_key" in per_report.columns else per_report["report_id"]
+    return build_negatives(per_report["report_id"].tolist(), per_report["text"].fillna("").tolist(),
+                           per_report["patient_key"].tolist(), studies.tolist(),
+                           per_report["labels"].tolist() if "labels" in per_report.columns else None, seed, kinds)
