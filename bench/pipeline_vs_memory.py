@@ -39,6 +39,7 @@ def main() -> None:
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-bench-"))
+    os.chdir(tmp)  # outside the repository: ingest would copy this throwaway data card into data_cards/
     synthesize(tmp / "src", patients=args.patients, seed=0, size=128)
     ingest(tmp / "src", tmp / "ds", "dicom", tmp / "key", IngestOptions(max_side=128))
     texts = pd.read_parquet(tmp / "ds" / "reports.parquet")["text"].tolist()
