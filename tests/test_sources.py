@@ -139,6 +139,17 @@ def test_near_duplicate_pairs_exact_by_pigeonhole():
     assert not near_duplicate_pairs(hexes, 4) or all(b == a + 50 for a, b in near_duplicate_pairs(hexes, 4))
 
 
+def test_many_identical_hashes_are_linked_without_comparing_every_pair():
+    import time as _time
+
+    blank = "00" * 32
+    other = "ff" * 32
+    t0 = _time.monotonic()
+    pairs = near_duplicate_pairs([blank] * 5000 + [other], 20)
+    assert _time.monotonic() - t0 < 5
+    assert len(pairs) == 4999 and all(a == 0 for a, _ in pairs)  # each copy linked to the first
+
+
 def test_near_duplicate_of_another_patient_lands_in_the_same_split(synth_source, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(synth_source, src)

@@ -36,11 +36,6 @@ def frames_version(manifest: pd.DataFrame, reports: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_version(dataset: Path) -> str:
-    """:func:`frames_version` of a dataset folder."""
-    return frames_version(pd.read_parquet(dataset / "manifest.parquet"), pd.read_parquet(dataset / "reports.parquet"))
-
-
 def _dist(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.fillna("unknown").replace("", "unknown").value_counts().items()}
 

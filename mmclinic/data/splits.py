@@ -66,10 +66,22 @@ def near_duplicate_pairs(hashes: list[str], max_bits: int) -> list[tuple[int, in
     """
     if max_bits < 0 or len(hashes) < 2:
         return []
-    bits = np.unpackbits(np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in hashes]), axis=1)
+    # Identical hashes (blank frames, copies) are linked directly; the band search then runs over
+    # distinct values only, so a thousand identical images cost no more than one.
+    first: dict[str, int] = {}
+    pairs: set[tuple[int, int]] = set()
+    for i, h in enumerate(hashes):
+        if h in first:
+            pairs.add((first[h], i))
+        else:
+            first[h] = i
+    distinct = list(first)
+    if len(distinct) < 2:
+        return sorted(pairs)
+    owner = list(first.values())
+    bits = np.unpackbits(np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in distinct]), axis=1)
     n_bits = bits.shape[1]
     edges = np.linspace(0, n_bits, min(max_bits + 1, n_bits) + 1).astype(int)
-    pairs: set[tuple[int, int]] = set()
     for lo, hi in zip(edges[:-1], edges[1:]):
         buckets: dict[bytes, list[int]] = {}
         for i, key in enumerate(np.packbits(bits[:, lo:hi], axis=1)):
@@ -80,7 +92,7 @@ def near_duplicate_pairs(hashes: list[str], max_bits: int) -> list[tuple[int, in
             sub = bits[idx]
             for a in range(len(idx) - 1):
                 dist = (sub[a + 1:] != sub[a]).sum(axis=1)
-                pairs.update((idx[a], idx[a + 1 + b]) for b in np.flatnonzero(dist <= max_bits))
+                pairs.update((owner[idx[a]], owner[idx[a + 1 + b]]) for b in np.flatnonzero(dist <= max_bits))
     return sorted(pairs)
 
 
@@ -176,14 +188,6 @@ def assign_group_splits(rows: pd.DataFrame, groups: DuplicateGroups, pseudo: Pse
     chosen = {root: max(s, key=_PRIORITY.__getitem__) for root, s in wanted.items()}
     moved = sum(sum(x != chosen[root] for x in s) for root, s in wanted.items())
     return {p: chosen[r] for p, r in roots.items()}, moved
-
-
-def assign_splits(manifest: pd.DataFrame, pseudo: Pseudonymizer,
-                  ratios: tuple[float, float, float] = (0.7, 0.15, 0.15), near_bits: int = -1) -> pd.Series:
-    """A split per manifest row by keyed patient hash, duplicates (exact, and near with ``near_bits``) together."""
-    groups = duplicate_groups(manifest, near_bits)
-    split_of, _ = assign_group_splits(manifest, groups, pseudo, ratios, "hash")
-    return manifest["patient_key"].map(split_of)
 
 
 def check_splits(manifest: pd.DataFrame) -> None:
