@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from mmclinic import errors, read_image
-from mmclinic.data.images import age_band, read_frames, to_png_bytes, window
+from mmclinic.data.images import age_band, encode_png, read_frames, resize_pixels, to_png_bytes, window
 from mmclinic.data.synth import Finding, Study, to_dicom_bytes, _make_patient, render_frontal
 
 
@@ -75,6 +75,34 @@ def test_png_8_and_16_bit(tmp_path):
     assert abs(a.pixels.max() - 1) < 1e-6 and np.abs(a.pixels - b.pixels).max() < 1 / 255 + 1e-6
     png = to_png_bytes(a.pixels, max_side=32)
     assert Image.open(io.BytesIO(png)).size == (32, 32)
+
+
+def test_png_encoder_round_trips_through_pillow_exactly():
+    rng = np.random.default_rng(0)
+    for arr in (rng.integers(0, 65536, (37, 53)).astype(np.uint16),  # odd sizes: row padding must be right
+                rng.integers(0, 256, (37, 53, 3)).astype(np.uint8),
+                rng.integers(0, 256, (5, 7)).astype(np.uint8),
+                np.zeros((1, 1), np.uint16)):
+        back = Image.open(io.BytesIO(encode_png(arr)))
+        back.load()  # decodes every chunk: CRCs and the deflate stream are checked
+        assert np.array_equal(np.asarray(back).astype(arr.dtype), arr), arr.shape
+    with pytest.raises(ValueError, match="uint16"):
+        encode_png(np.zeros((4, 4), np.float32))
+    colour = to_png_bytes(rng.random((64, 64, 3), dtype=np.float32), max_side=32)
+    assert Image.open(io.BytesIO(colour)).mode == "RGB"
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1024, 768), (2048, 1536), (1000, 1000), (300, 200)])
+def test_resize_matches_pillow_box_filter(shape):
+    """Whole factors take Image.reduce; the result must equal the BOX filter's either way."""
+    a = np.random.default_rng(1).random(shape, dtype=np.float32)
+    scale = 256 / max(shape)
+    size = (max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale)))
+    ref = np.asarray(Image.fromarray(a, mode="F").resize(size, Image.Resampling.BOX))
+    out = resize_pixels(a, 256)
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-6
+    rgb = resize_pixels(np.stack([a, 1 - a, a * 0.5], -1), 256)
+    assert rgb.shape == (*ref.shape, 3) and np.abs(rgb[..., 1] - (1 - ref)).max() < 1e-6
 
 
 def test_age_band_groups_over_89():

@@ -227,6 +227,13 @@ def test_decoding_is_time_boxed_and_a_crashing_decoder_loses_one_file(tmp_path):
     assert all(results[i]["ok"] for i in (0, 2, 4, 5))
 
 
+def test_a_worker_that_cannot_start_stops_the_run_instead_of_quarantining_everything(tmp_path):
+    jobs = [{"index": i, "path": p} for i, p in enumerate(["a", "b", "c"])]
+    settings = DecodeSettings(out_dir=str(tmp_path), decoder="mmclinic_no_such_module:decode")
+    with pytest.raises(MmclinicError, match="exited with code 1 3 times in a row before starting a file"):
+        list(decode_all(jobs, settings, workers=2, timeout=30.0))
+
+
 # --------------------------------------------------------------------------- real data
 
 
