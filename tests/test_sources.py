@@ -80,15 +80,29 @@ def test_csv_source_png_jpeg_8_16_bit_and_bad_rows_accounted(tmp_path):
     assert (m.groupby("patient_key")["split"].nunique() == 1).all()
 
 
-def test_csv_unreadable_and_non_utf8_are_usage_errors_naming_the_file(tmp_path):
+def test_csv_non_utf8_rows_are_quarantined_naming_the_field_and_the_run_goes_on(tmp_path):
     src = tmp_path / "bad"
     src.mkdir()
-    (src / "pairs.csv").write_bytes("image_path,report_text,patient_id\nx.png,caf\xe9,1\n".encode("latin-1"))
-    with pytest.raises(UsageError, match="pairs.csv: not UTF-8"):
-        ingest(src, tmp_path / "o", "csv", tmp_path / "k", OPTS)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.random.default_rng(len(name)).integers(0, 255, (40, 40), dtype=np.uint8)).save(src / name)
+    (src / "pairs.csv").write_bytes(
+        b"image_path,report_text,patient_id\n"
+        b"a.png,Clear lungs.,P1\n"
+        b"b.png,Caf\xe9 au lait lesion.,P2\n"  # latin-1, not UTF-8
+        b'c.png,"Normal heart, no effusion.",P3,\xff\n')  # a stray undecodable field beyond the header
+    s = ingest(src, tmp_path / "o", "csv", tmp_path / "k", OPTS)
+    q = _quarantine(tmp_path / "o").set_index("source_path")
+    assert s.accepted == 1 and len(q) == 2
+    assert q.loc["pairs.csv:3", "reason_code"] == "bad_text" and q.loc["pairs.csv:3", "kind"] == "image"
+    assert "field report_text is not UTF-8" in q.loc["pairs.csv:3", "message"]
+    assert "beyond the header" in q.loc["pairs.csv:4", "message"]
+    assert "Caf" not in (tmp_path / "o" / "quarantine.csv").read_text()  # the message never quotes the value
+    (src / "pairs.csv").write_bytes(b"image_path,report_t\xe9xt,patient_id\na.png,x,1\n")
+    with pytest.raises(UsageError, match="pairs.csv: the header row is not UTF-8"):
+        ingest(src, tmp_path / "o2", "csv", tmp_path / "k", OPTS)
     (src / "pairs.csv").write_text("path,text\nx.png,y\n")
     with pytest.raises(UsageError, match="missing column"):
-        ingest(src, tmp_path / "o", "csv", tmp_path / "k", OPTS)
+        ingest(src, tmp_path / "o3", "csv", tmp_path / "k", OPTS)
 
 
 # --------------------------------------------------------------------------- mimic-cxr layout

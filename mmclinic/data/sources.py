@@ -99,18 +99,57 @@ def _read_text(path: Path, rel: str) -> str:
         raise errors.UsageError(f"{rel}: cannot be read ({type(exc).__name__})") from None
 
 
-def _read_csv(path: Path, rel: str, required: list[str]) -> list[dict[str, str]]:
-    text = _read_text(path, rel)
+_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
+
+
+def _read_csv(path: Path, rel: str, required: list[str], quarantine: list[dict[str, str]] | None = None,
+              kind: str = "report") -> list[dict[str, str]]:
+    """Rows of a CSV table (``_line``: the row's number, the header being 1).
+
+    A row that is not UTF-8 text, or that the CSV parser cannot read, goes to ``quarantine``
+    (as ``kind``) with the row and field named, and the table goes on; without a quarantine
+    list (tables that are not inputs, like labels.csv) such a row is an error.
+    """
     try:
-        reader = csv.DictReader(text.splitlines(keepends=True))
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    except OSError as exc:
+        raise errors.UsageError(f"{rel}: cannot be read ({type(exc).__name__})") from None
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    try:
         fields = reader.fieldnames or []
-        missing = [c for c in required if c not in fields]
-        if missing:
-            raise errors.UsageError(f"{rel}: missing column(s) {', '.join(missing)}")
-        return [dict(r, _line=str(i)) for i, r in enumerate(reader, start=2)]
     except csv.Error as exc:
-        raise errors.UsageError(f"{rel}: not a readable CSV ({exc.__class__.__name__} near line "
-                                f"{getattr(reader, 'line_num', '?')})") from None
+        raise errors.UsageError(f"{rel}: not a readable CSV ({exc.__class__.__name__} in the header)") from None
+    if any(_SURROGATE.search(f or "") for f in fields):
+        raise errors.UsageError(f"{rel}: the header row is not UTF-8 text")
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise errors.UsageError(f"{rel}: missing column(s) {', '.join(missing)}")
+
+    def refuse(line: int, reason: str, why: str) -> None:
+        message = f"{rel}:{line}: {why}"
+        if quarantine is None:
+            raise errors.UsageError(message)
+        quarantine.append({"source_path": f"{rel}:{line}", "reason_code": reason, "kind": kind, "message": message})
+
+    rows = []
+    line = 1
+    while True:
+        line += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            refuse(line, "bad_input", f"not a readable CSV row ({exc.__class__.__name__})")
+            continue
+        bad = [str(k) for k, v in row.items() if any(_SURROGATE.search(x or "") for x in
+                                                     (v if isinstance(v, list) else [v]))]
+        if bad:
+            refuse(line, "bad_text", f"field {bad[0] if bad[0] != 'None' else '(beyond the header)'} is not UTF-8 "
+                                     "text")
+            continue
+        rows.append(dict(row, _line=str(line)))
+    return rows
 
 
 def _image_files(root: Path, skip: set[Path]) -> list[Path]:
@@ -165,7 +204,7 @@ def scan_dicom(source: Path, **_: Any) -> SourceScan:
     if not reports_csv.is_file():
         raise errors.UsageError(f"SOURCE {source.name}: reports.csv not found (a dicom source needs one)")
     quarantine: list[dict[str, str]] = []
-    rows = _read_csv(reports_csv, "reports.csv", ["report_text"])
+    rows = _read_csv(reports_csv, "reports.csv", ["report_text"], quarantine, "report")
     if rows and "accession_number" not in rows[0] and "study_instance_uid" not in rows[0]:
         raise errors.UsageError("reports.csv: missing column accession_number (or study_instance_uid)")
     labels = _synth_labels(source / "labels.csv")
@@ -219,8 +258,8 @@ def scan_csv(source: Path, columns: CsvColumns = CsvColumns(), **_: Any) -> Sour
                                     f"level (found {len(csvs)}); or pass the CSV file itself as SOURCE")
         table, root = csvs[0], source
     required = [columns.image, columns.text, columns.patient]
-    rows = _read_csv(table, table.name, required)
     quarantine: list[dict[str, str]] = []
+    rows = _read_csv(table, table.name, required, quarantine, "image")
     reports: dict[str, ReportRow] = {}
     images: list[ImageJob] = []
     for row in rows:
@@ -257,13 +296,18 @@ def scan_csv(source: Path, columns: CsvColumns = CsvColumns(), **_: Any) -> Sour
 
 
 def _jsonl(path: Path, rel: str) -> list[tuple[int, dict[str, Any] | None]]:
+    """(line number, object) per non-blank line; None for a line that is not UTF-8 JSON of an object."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise errors.UsageError(f"{rel}: cannot be read ({type(exc).__name__})") from None
     out = []
-    for i, line in enumerate(_read_text(path, rel).splitlines(), start=1):
+    for i, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
+            obj = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             obj = None
         out.append((i, obj if isinstance(obj, dict) else None))
     return out
@@ -297,7 +341,7 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
                 where = f"{data_file.name}:{line}"
                 if obj is None or not obj.get("U_id"):
                     quarantine.append({"source_path": where, "reason_code": "bad_input", "kind": "report",
-                                       "message": f"{where}: not a JSON object with field U_id"})
+                                       "message": f"{where}: not UTF-8 JSON of an object with field U_id"})
                     continue
                 cases[str(obj["U_id"])] = dict(obj, _where=where)
         desc_file = base / f"descriptions_{split}.jsonl"
@@ -306,7 +350,7 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
             where = f"{desc_file.name}:{line}"
             if obj is None or not obj.get("image") or not obj.get("U_id"):
                 quarantine.append({"source_path": where, "reason_code": "bad_input", "kind": "image",
-                                   "message": f"{where}: not a JSON object with fields image and U_id"})
+                                   "message": f"{where}: not UTF-8 JSON of an object with fields image and U_id"})
                 continue
             name, case_id = str(obj["image"]), str(obj["U_id"])
             desc = obj.get("Description") or {}
@@ -357,10 +401,12 @@ def _split_terms(value: str) -> list[str]:
 
 
 def scan_iu_xray(source: Path, image_dir: str | None = None, **_: Any) -> SourceScan:
-    rows = _read_csv(source / "indiana_reports.csv", "indiana_reports.csv", ["uid", "findings", "impression"])
-    proj_path = source / "indiana_projections.csv"
-    projections = _read_csv(proj_path, proj_path.name, ["uid", "filename"]) if proj_path.is_file() else []
     quarantine: list[dict[str, str]] = []
+    rows = _read_csv(source / "indiana_reports.csv", "indiana_reports.csv", ["uid", "findings", "impression"],
+                     quarantine, "report")
+    proj_path = source / "indiana_projections.csv"
+    projections = _read_csv(proj_path, proj_path.name, ["uid", "filename"], quarantine, "image") \
+        if proj_path.is_file() else []
     reports: list[ReportRow] = []
     seen: set[str] = set()
     for row in rows:
