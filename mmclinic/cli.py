@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="MODEL_BASE")
     s.add_argument("--name")
 
+    s = sub.add_parser("serve", help="serve exported models over TensorFlow Serving's REST API")
+    s.add_argument("model_base", metavar="MODEL_BASE")
+    s.add_argument("--port", type=int, default=8501, help="0 picks a free port (default 8501, TF Serving's)")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    s.add_argument("--max-batch", type=int, default=1024, help="instances per request")
+    s.add_argument("--max-body-mb", type=float, default=64.0, help="request body size limit")
+
     s = sub.add_parser("score", help="batch-score image-report pairs into a SQL database")
     s.add_argument("model_dir", metavar="MODEL_DIR")
     g = s.add_mutually_exclusive_group(required=True)
@@ -151,6 +158,10 @@ def _run(args: argparse.Namespace) -> int:
 
         r = export(args.run, args.out, args.name)
         print(f"exported version {r.version} to {r.path}")
+    elif args.command == "serve":
+        from mmclinic.serving import serve
+
+        serve(args.model_base, args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb)
     elif args.command == "score":
         from mmclinic.scoring import score
 

@@ -58,3 +58,11 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train(cfg, dataset, run, quiet=True)
     return run
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run, tmp_path_factory):
+    """``trained_run`` vetted and exported once (MODEL_BASE/tiny/1), for the export, scoring and serving tests."""
+    from mmclinic.export import export
+
+    return export(trained_run, tmp_path_factory.mktemp("models"), "tiny")

@@ -92,9 +92,8 @@ def test_interrupted_run_resumes_at_its_step(dataset, tmp_path):
     assert list((run / "checkpoints").glob("ckpt-10*"))
 
 
-def test_evaluate_export_load_elsewhere_and_score(trained_run, dataset, synth_source, tmp_path):
+def test_evaluate_export_load_elsewhere_and_score(trained_run, dataset, synth_source, exported_model, tmp_path):
     from mmclinic.evaluate import evaluate
-    from mmclinic.export import export
     from mmclinic.scoring import score
 
     report = evaluate(trained_run, dataset, "test", tmp_path / "REPORT.json")
@@ -106,8 +105,8 @@ def test_evaluate_export_load_elsewhere_and_score(trained_run, dataset, synth_so
     assert {"auroc", "auprc", "fpr_at_95tpr", "by_corruption"} <= set(saved["mismatch"])
     assert "slices" in saved and report["counts"]["images"] > 0
 
-    result = export(trained_run, tmp_path / "models", "tiny")
-    assert result.path == tmp_path / "models" / "tiny" / "1"
+    result = exported_model
+    assert result.path.parent.name == "tiny" and result.path.name == "1" and result.version == 1
     assert (result.path / "saved_model.pb").is_file() and (result.path / "assets.extra" / "model_card.md").is_file()
     assert all(c["passed"] for c in result.checks.values())
 

@@ -1,0 +1,176 @@
+"""`mmclinic serve`: a real HTTP server on 127.0.0.1 over the exported tiny model."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PLANTED = "Zebediah Quartermaine MRN 99887766"
+
+
+@pytest.fixture(scope="module")
+def model_base(exported_model, tmp_path_factory):
+    """MODEL_BASE with versions 1 and 2 of `tiny` and the label stable -> 1."""
+    base = tmp_path_factory.mktemp("serve") / "models"
+    shutil.copytree(exported_model.path.parent, base / "tiny")
+    shutil.copytree(base / "tiny" / "1", base / "tiny" / "2")
+    (base / "tiny" / "version_labels.json").write_text(json.dumps({"stable": 1}))
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(model_base):
+    from mmclinic.serving import make_http_server
+
+    log = io.StringIO()
+    httpd = make_http_server(model_base, "127.0.0.1", 0, max_batch=4, max_body_mb=0.5, log=log)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    yield httpd, log
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _call(httpd, method, path, body=None, conn=None):
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+    resp = conn.getresponse()
+    raw = resp.read()
+    if own:
+        conn.close()
+    ctype = resp.getheader("Content-Type", "")
+    return resp.status, (json.loads(raw) if ctype.startswith("application/json") else raw.decode())
+
+
+def _png(dataset, i=0):
+    return sorted((dataset / "images").glob("*.png"))[i].read_bytes()
+
+
+def test_status_metadata_and_labels(server, exported_model):
+    httpd, _ = server
+    assert _call(httpd, "GET", "/healthz") == (200, {"status": "ok", "models": {"tiny": [1, 2]}})
+    code, st = _call(httpd, "GET", "/v1/models/tiny")
+    assert code == 200 and [s["version"] for s in st["model_version_status"]] == ["2", "1"]
+    assert all(s["state"] == "AVAILABLE" and s["status"]["error_code"] == "OK" for s in st["model_version_status"])
+    code, st = _call(httpd, "GET", "/v1/models/tiny/labels/stable")
+    assert code == 200 and [s["version"] for s in st["model_version_status"]] == ["1"]
+
+    code, meta = _call(httpd, "GET", "/v1/models/tiny/versions/1/metadata")
+    assert code == 200 and meta["model_spec"] == {"name": "tiny", "signature_name": "", "version": "1"}
+    sigs = meta["metadata"]["signature_def"]["signature_def"]
+    assert set(sigs["serving_default"]["inputs"]) == {"image_bytes", "report_text"}
+    assert sigs["serving_default"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+    assert set(sigs["serving_default"]["outputs"]) == {"match_score", "match_logit", "similarity"}
+    assert {"embed_image", "embed_text", "match_embeddings", "score_tokens"} <= set(sigs)
+    info = json.loads((exported_model.path / "assets.extra" / "mmclinic.json").read_text())
+    assert meta["mmclinic"]["mismatch_threshold"] == info["mismatch_threshold"]
+    assert meta["mmclinic"]["labels"] == ["stable"]
+
+
+def test_predict_matches_the_savedmodel_in_both_formats(server, exported_model, dataset):
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    httpd, _ = server
+    pngs = [_png(dataset, 0), _png(dataset, 1)]
+    texts = ["Left pleural effusion.", "No acute cardiopulmonary process."]
+    want = tf.saved_model.load(str(exported_model.path)).signatures["serving_default"](
+        image_bytes=tf.constant(pngs), report_text=tf.constant(texts))
+    rows = {"instances": [{"image_bytes": {"b64": base64.b64encode(p).decode()}, "report_text": t}
+                          for p, t in zip(pngs, texts)]}
+    code, out = _call(httpd, "POST", "/v1/models/tiny:predict", rows)
+    assert code == 200 and len(out["predictions"]) == 2
+    got = np.array([p["match_score"] for p in out["predictions"]])
+    np.testing.assert_allclose(got, want["match_score"].numpy(), rtol=1e-5, atol=1e-6)
+
+    cols = {"signature_name": "embed_text", "inputs": {"report_text": texts}}
+    code, out = _call(httpd, "POST", "/v1/models/tiny/labels/stable:predict", cols)
+    emb = np.array(out["outputs"])
+    assert code == 200 and emb.shape[0] == 2 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    code, out = _call(httpd, "POST", "/v1/models/tiny/versions/2:predict",
+                      {"signature_name": "embed_text", "instances": texts})  # one input: bare values
+    assert code == 200 and np.allclose(np.array(out["predictions"]), emb, atol=1e-5)
+
+    conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)  # keep-alive: one connection
+    for _ in range(2):
+        assert _call(httpd, "POST", "/v1/models/tiny:predict", rows, conn)[0] == 200
+    conn.close()
+
+
+def test_malformed_requests_get_4xx_json_errors_that_never_echo_inputs(server, dataset):
+    httpd, log = server
+    img = {"b64": base64.b64encode(_png(dataset)).decode()}
+    cases = [
+        ("POST", "/v1/models/tiny:predict", b"{not json", 400, "not JSON"),
+        ("POST", "/v1/models/tiny:predict", [1, 2], 400, "JSON object"),
+        ("POST", "/v1/models/tiny:predict", {"instances": [], "inputs": {}}, 400, "exactly one of"),
+        ("POST", "/v1/models/tiny:predict", {"instances": [{"image_bytes": img}]}, 400, "missing input(s) report_text"),
+        ("POST", "/v1/models/tiny:predict", {"instances": [{"image_bytes": {"b64": "***"}, "report_text": PLANTED}]},
+         400, "not valid base64"),
+        ("POST", "/v1/models/tiny:predict",
+         {"instances": [{"image_bytes": {"b64": base64.b64encode(PLANTED.encode()).decode()},
+                         "report_text": PLANTED}]}, 400, "cannot run on these inputs"),
+        ("POST", "/v1/models/tiny:predict", {"signature_name": "nope", "instances": []}, 400, "no signature 'nope'"),
+        ("POST", "/v1/models/tiny:predict", {"instances": [{"image_bytes": img, "report_text": "x"}] * 5}, 413,
+         "at most 4"),
+        ("POST", "/v1/models/nope:predict", {"instances": []}, 404, "not served here"),
+        ("GET", "/v1/models/tiny/versions/7", None, 404, "version 7 is not served"),
+        ("GET", "/v1/models/tiny/labels/canary", None, 404, "no version label 'canary'"),
+        ("POST", "/v1/models/tiny:classify", {"examples": []}, 501, "classify is not served"),
+        ("GET", "/v1/models/tiny:predict", None, 405, "not allowed"),
+        ("GET", "/v2/whatever", None, 404, "no such endpoint"),
+    ]
+    for method, path, body, status, needle in cases:
+        code, out = _call(httpd, method, path, body)
+        assert code == status and needle in out["error"], (path, body if isinstance(body, dict) else "", code, out)
+        assert "Zebediah" not in json.dumps(out) and "99887766" not in json.dumps(out)
+    # A body over the limit is refused from its Content-Length, before it is read.
+    conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
+    conn.putrequest("POST", "/v1/models/tiny:predict")
+    conn.putheader("Content-Length", str(600 << 10))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "at most 524288" in json.loads(resp.read())["error"]
+    conn.close()
+    assert "Zebediah" not in log.getvalue() and "99887766" not in log.getvalue()
+    assert "POST /v1/models/tiny:predict 400" in log.getvalue()
+
+
+def test_metrics_count_requests_and_instances(server, dataset):
+    httpd, _ = server
+    img = {"b64": base64.b64encode(_png(dataset)).decode()}
+    assert _call(httpd, "POST", "/v1/models/tiny:predict",
+                 {"instances": [{"image_bytes": img, "report_text": "Clear lungs."}] * 3})[0] == 200
+    code, text = _call(httpd, "GET", "/metrics")
+    assert code == 200
+    assert 'mmclinic_serve_requests_total{code="200",endpoint="predict",model="tiny"}' in text
+    line = next(x for x in text.splitlines()
+                if x.startswith('mmclinic_serve_instances_total{model="tiny",signature="serving_default",version="2"}'))
+    assert float(line.split()[-1]) >= 3
+    assert 'mmclinic_serve_model_version_loaded{model="tiny",version="1"} 1.0' in text
+    assert "mmclinic_serve_request_seconds_bucket" in text
+
+
+def test_serve_cli_refuses_a_folder_without_models(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mmclinic.cli", "serve", str(tmp_path), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no exported models" in proc.stderr
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "m" / "version_labels.json").write_text('{"stable": 3}')
+    proc = subprocess.run([sys.executable, "-m", "mmclinic.cli", "serve", str(tmp_path), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "label 'stable' must name an exported version" in proc.stderr
