@@ -87,6 +87,7 @@ Open them:
   .venv/bin/mlflow ui --backend-store-uri {out['mlflow']}          # runs, params, metrics
   .venv/bin/tensorboard --logdir {out['tensorboard']}              # scalars + embedding projector
   .venv/bin/saved_model_cli show --dir {exported.path} --all
+  .venv/bin/mmclinic serve {exported.path.parent.parent}   # TF Serving REST API on 127.0.0.1:8501
   .venv/bin/mmclinic evaluate {exported.path} --data {dataset} --out {workdir / 'REPORT_export.json'}
 """, flush=True)
     return out
