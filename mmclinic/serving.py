@@ -44,6 +44,17 @@ _DTYPES = {"string": "DT_STRING", "float32": "DT_FLOAT", "float64": "DT_DOUBLE",
            "int64": "DT_INT64", "bool": "DT_BOOL"}
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _names(keys: Any) -> str:
+    """Request-supplied keys for an error message: names only, never free text."""
+    keys = sorted(map(str, keys))
+    shown = [k for k in keys if _SAFE_NAME.match(k)]
+    hidden = len(keys) - len(shown)
+    return ", ".join(shown + ([f"{hidden} key(s) not shown (not plain names)"] if hidden else []))
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -63,7 +74,8 @@ class LoadedVersion:
         try:
             return self.module.signatures[name]
         except KeyError:
-            raise HttpError(400, f"model {self.name} version {self.version} has no signature {name!r}; it has "
+            shown = repr(name) if _SAFE_NAME.match(name) else "of that name"
+            raise HttpError(400, f"model {self.name} version {self.version} has no signature {shown}; it has "
                                  f"{', '.join(sorted(self.module.signatures))}") from None
 
 
@@ -258,7 +270,7 @@ class ModelServer:
             if missing or extra:
                 raise HttpError(400, f"instances[{i}]: " + "; ".join(
                     ([f"missing input(s) {', '.join(sorted(missing))}"] if missing else [])
-                    + ([f"unknown input(s) {', '.join(sorted(extra))}"] if extra else [])))
+                    + ([f"unknown input(s) {_names(extra)}"] if extra else [])))
             for k in names:
                 columns[k].append(row[k])
         return columns
@@ -274,7 +286,7 @@ class ModelServer:
         if missing or extra:
             raise HttpError(400, "inputs: " + "; ".join(
                 ([f"missing input(s) {', '.join(sorted(missing))}"] if missing else [])
-                + ([f"unknown input(s) {', '.join(sorted(extra))}"] if extra else [])))
+                + ([f"unknown input(s) {_names(extra)}"] if extra else [])))
         for k in names:
             if not isinstance(inputs[k], list):
                 raise HttpError(400, f"inputs.{k} must be a list (one value per instance)")
@@ -311,13 +323,15 @@ def _handler(server: ModelServer, log: Any) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "mmclinic-serve"
+        timeout = 120  # seconds a connection may sit idle or stall mid-request
 
         def log_message(self, fmt: str, *args: Any) -> None:  # the default would go to stderr unformatted
             pass
 
         def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
             body = payload if isinstance(payload, bytes) else (json.dumps(payload) + "\n").encode()
-            if self.command in ("POST", "PUT") and not getattr(self, "_consumed", False):
+            if not getattr(self, "_consumed", False) and (self.headers.get("Transfer-Encoding") or
+                                                          self.headers.get("Content-Length", "0").strip() != "0"):
                 self.close_connection = True  # an unread body would be taken for the next request
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -331,6 +345,7 @@ def _handler(server: ModelServer, log: Any) -> type[BaseHTTPRequestHandler]:
             t0 = time.perf_counter()
             self._consumed = False
             path = self.path.split("?", 1)[0]
+            logged = path if path in ("/healthz", "/metrics") else "(unmatched path)"  # URLs can carry anything
             model, endpoint, status = "-", "other", 500
             try:
                 if path == "/healthz" and method == "GET":
@@ -343,6 +358,8 @@ def _handler(server: ModelServer, log: Any) -> type[BaseHTTPRequestHandler]:
                     self._send(200, body, ctype)
                     return
                 match = _ROUTE.match(path)
+                if match:
+                    logged = path
                 if not match:
                     raise HttpError(404, "no such endpoint; see /v1/models/NAME[/versions/V|/labels/L]"
                                          "[/metadata|:predict], /metrics and /healthz")
@@ -373,12 +390,15 @@ def _handler(server: ModelServer, log: Any) -> type[BaseHTTPRequestHandler]:
                 server.metrics.requests.labels(model, endpoint, str(status)).inc()
                 server.metrics.latency.labels(model, endpoint).observe(dt)
                 if log is not None:  # method, path and status only: never a body
-                    print(f"{method} {path} {status} {dt * 1000:.1f} ms", file=log, flush=True)
+                    print(f"{method} {logged} {status} {dt * 1000:.1f} ms", file=log, flush=True)
 
         def _body(self) -> dict[str, Any]:
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise HttpError(411, "a Content-Length header is required")
+            if self.headers.get("Transfer-Encoding"):
+                raise HttpError(411, "send the body with a Content-Length header (no Transfer-Encoding)")
+            if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
+                raise HttpError(411, "a Content-Length header with the body's size in bytes is required")
+            length = length.strip()
             if int(length) > server.max_body_bytes:
                 raise HttpError(413, f"request body of {int(length)} bytes; at most {server.max_body_bytes}")
             raw = self.rfile.read(int(length))

@@ -82,7 +82,10 @@ def test_png_encoder_round_trips_through_pillow_exactly():
     for arr in (rng.integers(0, 65536, (37, 53)).astype(np.uint16),  # odd sizes: row padding must be right
                 rng.integers(0, 256, (37, 53, 3)).astype(np.uint8),
                 rng.integers(0, 256, (5, 7)).astype(np.uint8),
-                np.zeros((1, 1), np.uint16)):
+                np.zeros((1, 1), np.uint16),
+                np.arange(35, dtype=np.uint16).reshape(5, 7).T,  # a transposed view
+                np.asfortranarray(rng.integers(0, 65536, (6, 9)).astype(np.uint16)),
+                rng.integers(0, 256, (8, 6, 3)).astype(np.uint8)[::-1, ::2]):  # strided, flipped
         back = Image.open(io.BytesIO(encode_png(arr)))
         back.load()  # decodes every chunk: CRCs and the deflate stream are checked
         assert np.array_equal(np.asarray(back).astype(arr.dtype), arr), arr.shape

@@ -132,11 +132,26 @@ def test_malformed_requests_get_4xx_json_errors_that_never_echo_inputs(server, d
         ("POST", "/v1/models/tiny:classify", {"examples": []}, 501, "classify is not served"),
         ("GET", "/v1/models/tiny:predict", None, 405, "not allowed"),
         ("GET", "/v2/whatever", None, 404, "no such endpoint"),
+        ("GET", f"/v1/{PLANTED.replace(' ', '%20')}", None, 404, "no such endpoint"),
+        ("POST", "/v1/models/tiny:predict", {"instances": [{"image_bytes": img, "report_text": "x", PLANTED: 1}]},
+         400, "unknown input(s) 1 key(s) not shown"),
+        ("POST", "/v1/models/tiny:predict", {"signature_name": PLANTED, "instances": []}, 400,
+         "has no signature of that name"),
     ]
     for method, path, body, status, needle in cases:
         code, out = _call(httpd, method, path, body)
         assert code == status and needle in out["error"], (path, body if isinstance(body, dict) else "", code, out)
         assert "Zebediah" not in json.dumps(out) and "99887766" not in json.dumps(out)
+    # An unread body (here on a GET) closes the connection: it is never taken for the next request.
+    conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
+    conn.request("GET", "/v1/models/tiny", body=PLANTED.encode())
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Connection") == "close"
+    resp.read()
+    conn.request("GET", "/healthz")  # http.client reconnects
+    resp = conn.getresponse()
+    assert resp.status == 200 and PLANTED not in resp.read().decode()
+    conn.close()
     # A body over the limit is refused from its Content-Length, before it is read.
     conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
     conn.putrequest("POST", "/v1/models/tiny:predict")
@@ -146,7 +161,7 @@ def test_malformed_requests_get_4xx_json_errors_that_never_echo_inputs(server, d
     assert resp.status == 413 and "at most 524288" in json.loads(resp.read())["error"]
     conn.close()
     assert "Zebediah" not in log.getvalue() and "99887766" not in log.getvalue()
-    assert "POST /v1/models/tiny:predict 400" in log.getvalue()
+    assert "POST /v1/models/tiny:predict 400" in log.getvalue() and "GET (unmatched path) 404" in log.getvalue()
 
 
 def test_metrics_count_requests_and_instances(server, dataset):

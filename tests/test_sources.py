@@ -103,6 +103,16 @@ def test_csv_non_utf8_rows_are_quarantined_naming_the_field_and_the_run_goes_on(
     (src / "pairs.csv").write_text("path,text\nx.png,y\n")
     with pytest.raises(UsageError, match="missing column"):
         ingest(src, tmp_path / "o3", "csv", tmp_path / "k", OPTS)
+    # An unbalanced quote would swallow the rows after it into one cell: the table is refused.
+    (src / "pairs.csv").write_text('image_path,report_text,patient_id\na.png,"Clear lungs.,P1\n'
+                                   + "".join(f"b.png,Row {i}.,P{i}\n" for i in range(5)))
+    with pytest.raises(UsageError, match="pairs.csv: not a readable CSV .*near line"):
+        ingest(src, tmp_path / "o4", "csv", tmp_path / "k", OPTS)
+    # Quarantine rows name the line the row starts on, multi-line cells and blank lines counted.
+    (src / "pairs.csv").write_bytes(b'image_path,report_text,patient_id\na.png,"FINDINGS:\nClear.\n",P1\n\n'
+                                    b"b.png,Caf\xe9.,P2\n")
+    ingest(src, tmp_path / "o5", "csv", tmp_path / "k", OPTS)
+    assert _quarantine(tmp_path / "o5")["source_path"].tolist() == ["pairs.csv:6"]
 
 
 # --------------------------------------------------------------------------- mimic-cxr layout

@@ -39,10 +39,11 @@ NAME_TAGS = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName",
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
               "MALLOC_TOP_PAD_": str(16 << 20)}
 """glibc allocator settings for the workers. Each file allocates a few arrays of several MiB;
-by default glibc maps each one fresh from the kernel and unmaps it when freed, so every file
-pays thousands of page faults (~2,700 for a 1024 x 1024 film, about a third of its decoding
-time here). Buffers below 64 MiB are instead reused from the heap, which keeps up to 128 MiB
-of free memory; larger ones are still returned at once. Other allocators ignore these."""
+with glibc's defaults the freed memory went back to the kernel between files and came back as
+fresh pages, ~2,700 page faults per 1024-px film here (about a third of its decoding time).
+With these, buffers below 64 MiB are reused from the heap, which keeps up to 128 MiB of free
+memory (peak memory measured unchanged); larger ones are still mapped and returned at once.
+A user's own MALLOC_* variables win; other allocators ignore these."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +189,19 @@ class _Slot:
         env.update({k: v for k, v in MALLOC_ENV.items() if k not in os.environ})
         self.proc = subprocess.Popen([sys.executable, "-m", "mmclinic.data.decode_pool"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env=env)
-        _send(self.proc.stdin, settings)
+        try:
+            _send(self.proc.stdin, settings)
+        except OSError:  # it could not start: seen as an exit before its first file
+            pass
         self.job: dict[str, Any] | None = None
         self.started: float | None = None
 
     def give(self, job: dict[str, Any]) -> None:
         self.job, self.started = job, None
-        _send(self.proc.stdin, job)
+        try:
+            _send(self.proc.stdin, job)
+        except OSError:  # it already exited: decode_all sees that and re-queues or quarantines the job
+            pass
 
     def close(self) -> None:
         try:
@@ -224,10 +231,11 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
     """
     if not jobs:
         return
-    slots = [_Slot(settings) for _ in range(max(1, min(workers, len(jobs))))]
+    slots: list[_Slot] = []
     pending = list(reversed(jobs))
     failed_starts = 0
     try:
+        slots.extend(_Slot(settings) for _ in range(max(1, min(workers, len(jobs)))))
         for slot in slots:
             if pending:
                 slot.give(pending.pop())
@@ -258,8 +266,9 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
                     continue
                 job, name = slot.job, Path(slot.job["path"]).name
                 result = None
-                if code is not None:  # read what it said before it went
-                    while (msg := _recv(slot.proc.stdout)) is not None:
+                if code is not None:  # read what it said before it went (never waiting on a silent pipe)
+                    while select.select([slot.proc.stdout], [], [], 1.0)[0] and \
+                            (msg := _recv(slot.proc.stdout)) is not None:
                         if "started" in msg:
                             slot.started, failed_starts = time.monotonic(), 0
                         else:

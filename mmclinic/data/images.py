@@ -841,24 +841,26 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
-    """A PNG of a uint16 (H, W) or uint8 (H, W, 3) array: no filter, run-length deflate.
+    """A PNG of a uint16 (H, W), uint8 (H, W) or uint8 (H, W, 3) array: no filter, run-length deflate.
 
     On 16-bit radiographs, whose noise defeats LZ77 matching, run-length deflate is about as
     small as the default compression; encoding the rows directly skips Pillow's per-mode
     conversions (a 256 x 256 16-bit image: ~2.4 ms against ~6.4 ms through Pillow here).
     """
+    if pixels.size == 0:
+        raise ValueError(f"encode_png: empty image of shape {pixels.shape}")
     if pixels.dtype == np.uint16 and pixels.ndim == 2:
-        depth, colour, row = 16, 0, pixels.astype(">u2", copy=False).view(np.uint8)
+        depth, colour, row = 16, 0, np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8)
     elif pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3:
-        depth, colour, row = 8, 2, pixels
+        depth, colour, row = 8, 2, np.ascontiguousarray(pixels)
     elif pixels.dtype == np.uint8 and pixels.ndim == 2:
-        depth, colour, row = 8, 0, pixels
+        depth, colour, row = 8, 0, np.ascontiguousarray(pixels)
     else:
         raise ValueError(f"encode_png takes uint16 (H, W) or uint8 (H, W[, 3]) pixels, got {pixels.dtype} "
                          f"{pixels.shape}")
     h, w = pixels.shape[:2]
-    raw = np.zeros((h, 1 + row.size // max(h, 1)), np.uint8)  # column 0: filter type None
-    raw[:, 1:] = np.ascontiguousarray(row).reshape(h, -1)
+    raw = np.zeros((h, 1 + row.size // h), np.uint8)  # column 0: filter type None
+    raw[:, 1:] = row.reshape(h, -1)
     deflate = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
     data = deflate.compress(raw.data) + deflate.flush()
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0))

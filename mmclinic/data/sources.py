@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 from pathlib import Path
@@ -103,52 +104,61 @@ _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by
 
 
 def _read_csv(path: Path, rel: str, required: list[str], quarantine: list[dict[str, str]] | None = None,
-              kind: str = "report") -> list[dict[str, str]]:
-    """Rows of a CSV table (``_line``: the row's number, the header being 1).
+              kind: str = "report", any_of: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV table as dicts, ``_line`` being the line the row starts on (the header is 1).
 
-    A row that is not UTF-8 text, or that the CSV parser cannot read, goes to ``quarantine``
-    (as ``kind``) with the row and field named, and the table goes on; without a quarantine
-    list (tables that are not inputs, like labels.csv) such a row is an error.
+    A row that is not UTF-8 text goes to ``quarantine`` (as ``kind``) with its line and field
+    named, never its value, and the table goes on; without a quarantine list (tables that are not
+    inputs, like labels.csv) such a row is an error. A table the CSV parser cannot read (an
+    unbalanced quote, a field beyond the size limit) is an error naming the line: rows after it
+    cannot be trusted to be what they seem.
     """
     try:
         text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise errors.UsageError(f"{rel}: cannot be read ({type(exc).__name__})") from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+
+    def parse_error(exc: csv.Error) -> errors.UsageError:
+        return errors.UsageError(f"{rel}: not a readable CSV ({exc.__class__.__name__} near line {reader.line_num})")
+
     try:
-        fields = reader.fieldnames or []
+        fields = next(reader, [])
     except csv.Error as exc:
-        raise errors.UsageError(f"{rel}: not a readable CSV ({exc.__class__.__name__} in the header)") from None
-    if any(_SURROGATE.search(f or "") for f in fields):
+        raise parse_error(exc) from None
+    if any(_SURROGATE.search(f) for f in fields):
         raise errors.UsageError(f"{rel}: the header row is not UTF-8 text")
     missing = [c for c in required if c not in fields]
     if missing:
         raise errors.UsageError(f"{rel}: missing column(s) {', '.join(missing)}")
-
-    def refuse(line: int, reason: str, why: str) -> None:
-        message = f"{rel}:{line}: {why}"
-        if quarantine is None:
-            raise errors.UsageError(message)
-        quarantine.append({"source_path": f"{rel}:{line}", "reason_code": reason, "kind": kind, "message": message})
-
+    if any_of and not any(c in fields for c in any_of):
+        raise errors.UsageError(f"{rel}: missing column {any_of[0]} (or {' or '.join(any_of[1:])})")
     rows = []
-    line = 1
     while True:
-        line += 1
+        line = reader.line_num + 1
         try:
-            row = next(reader)
+            values = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
-            refuse(line, "bad_input", f"not a readable CSV row ({exc.__class__.__name__})")
-            continue
-        bad = [str(k) for k, v in row.items() if any(_SURROGATE.search(x or "") for x in
-                                                     (v if isinstance(v, list) else [v]))]
+            raise parse_error(exc) from None
+        if not values:
+            continue  # a blank line
+        bad = [fields[i] if i < len(fields) else "(beyond the header)" for i, v in enumerate(values)
+               if _SURROGATE.search(v)]
         if bad:
-            refuse(line, "bad_text", f"field {bad[0] if bad[0] != 'None' else '(beyond the header)'} is not UTF-8 "
-                                     "text")
+            message = f"{rel}:{line}: field {bad[0]} is not UTF-8 text"
+            if quarantine is None:
+                raise errors.UsageError(message)
+            quarantine.append({"source_path": f"{rel}:{line}", "reason_code": "bad_text", "kind": kind,
+                               "message": message})
             continue
-        rows.append(dict(row, _line=str(line)))
+        row: dict[str, Any] = dict(zip(fields, values))
+        row.update({f: None for f in fields[len(values):]})
+        if len(values) > len(fields):
+            row[None] = values[len(fields):]  # type: ignore[index] - as csv.DictReader keeps extras
+        row["_line"] = str(line)
+        rows.append(row)
     return rows
 
 
@@ -204,9 +214,8 @@ def scan_dicom(source: Path, **_: Any) -> SourceScan:
     if not reports_csv.is_file():
         raise errors.UsageError(f"SOURCE {source.name}: reports.csv not found (a dicom source needs one)")
     quarantine: list[dict[str, str]] = []
-    rows = _read_csv(reports_csv, "reports.csv", ["report_text"], quarantine, "report")
-    if rows and "accession_number" not in rows[0] and "study_instance_uid" not in rows[0]:
-        raise errors.UsageError("reports.csv: missing column accession_number (or study_instance_uid)")
+    rows = _read_csv(reports_csv, "reports.csv", ["report_text"], quarantine, "report",
+                     any_of=("accession_number", "study_instance_uid"))
     labels = _synth_labels(source / "labels.csv")
     reports: list[ReportRow] = []
     for row in rows:
