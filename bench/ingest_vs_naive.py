@@ -56,8 +56,8 @@ from mmclinic.data.ingest import IngestOptions, ingest
 s = ingest(sys.argv[1], sys.argv[2], "dicom", sys.argv[3], IngestOptions(max_side=int(sys.argv[4])))
 dt = time.perf_counter() - t0
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(s.accepted, dt, own, kids)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(s.accepted, dt, own, kids.ru_maxrss / 1024, kids.ru_minflt / max(s.accepted, 1))
 """
 
 
@@ -96,8 +96,7 @@ def clone_archive(src: Path, dest: Path, copies: int) -> int:
 def _run(code: str, *args: str, env: dict[str, str] | None = None) -> list[float]:
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {})), cwd=tempfile.gettempdir())
-    return [float(x) for x in out.stdout.split()[-4:]] if code is INGEST else [float(x) for x in
-                                                                                 out.stdout.split()[-2:]]
+    return [float(x) for x in out.stdout.split()[-(5 if code is INGEST else 2):]]
 
 
 def main() -> None:
@@ -125,12 +124,13 @@ def main() -> None:
     for r in range(0 if args.skip_throughput else args.rounds):
         n, t = _run(NAIVE, tmp / "src", tmp / f"naive{r}", args.max_side)
         naive.append(n / t)
-        n2, t2, _, _ = _run(INGEST, tmp / "src", tmp / f"ds{r}", tmp / "key", args.max_side)
+        n2, t2, _, _, faults = _run(INGEST, tmp / "src", tmp / f"ds{r}", tmp / "key", args.max_side)
         ours.append(n2 / t2)
         n3, t3 = _run(NAIVE, tmp / "src", tmp / f"tuned{r}", args.max_side, env=MALLOC_ENV)
         tuned.append(n3 / t3)
         print(f"round {r + 1}: naive {naive[-1]:.1f} files/s, mmclinic ingest {ours[-1]:.1f} files/s, "
-              f"naive with ingest's allocator settings {tuned[-1]:.1f} files/s", flush=True)
+              f"naive with ingest's allocator settings {tuned[-1]:.1f} files/s; ingest workers' page faults "
+              f"{faults:.0f} per file", flush=True)
     if args.skip_throughput:
         naive, tuned, ours = [1.0], [1.0], [0.0]
     result = {"files": n_files, "image_size": args.size, "cores": os.cpu_count(),
@@ -150,7 +150,7 @@ def main() -> None:
     for size in [int(x) for x in args.memory_sizes.split(",")]:
         src = tmp / f"mem{size}"
         files = clone_archive(tmp / "membase", src, max(1, round(size / per_copy)))
-        n, t, own, kids = _run(INGEST, src, tmp / f"memds{size}", tmp / "key", 128)
+        n, t, own, kids, _ = _run(INGEST, src, tmp / f"memds{size}", tmp / "key", 128)
         mem[files] = {"parent_peak_mib": round(own, 1), "worker_peak_mib": round(kids, 1), "seconds": round(t, 1)}
         print(f"{files} files: parent peak {own:.0f} MiB, largest worker {kids:.0f} MiB, {t:.0f} s", flush=True)
     sizes = sorted(mem)

@@ -174,7 +174,10 @@ class ModelServer:
             for v in keep:
                 path = folder / str(v)
                 info_file = path / "assets.extra" / "mmclinic.json"
-                info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+                try:
+                    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise UsageError(f"{info_file}: not readable JSON ({type(exc).__name__})") from None
                 try:
                     module = tf.saved_model.load(str(path))
                 except Exception as exc:  # noqa: BLE001 - name the folder, not a stack of TF internals
@@ -256,37 +259,31 @@ class ModelServer:
     # ----- request decoding
 
     @staticmethod
-    def _rows_to_columns(instances: Any, specs: dict[str, Any]) -> dict[str, list[Any]]:
+    def _named(where: str, value: Any, names: list[str]) -> dict[str, Any]:
+        """``value`` as {input name: value}; a bare value stands for a signature's only input."""
+        if len(names) == 1 and not (isinstance(value, dict) and set(value) == set(names)):
+            value = {names[0]: value}
+        if not isinstance(value, dict):
+            raise HttpError(400, f"{where} must be an object with inputs {', '.join(names)}")
+        missing, extra = set(names) - set(value), set(value) - set(names)
+        if missing or extra:
+            raise HttpError(400, f"{where}: " + "; ".join(
+                ([f"missing input(s) {', '.join(sorted(missing))}"] if missing else [])
+                + ([f"unknown input(s) {_names(extra)}"] if extra else [])))
+        return value
+
+    @classmethod
+    def _rows_to_columns(cls, instances: Any, specs: dict[str, Any]) -> dict[str, list[Any]]:
         if not isinstance(instances, list):
             raise HttpError(400, "field instances must be a list")
         names = sorted(specs)
-        columns: dict[str, list[Any]] = {k: [] for k in names}
-        for i, row in enumerate(instances):
-            if len(names) == 1 and not (isinstance(row, dict) and set(row) == set(names)):
-                row = {names[0]: row}
-            if not isinstance(row, dict):
-                raise HttpError(400, f"instances[{i}] must be an object with inputs {', '.join(names)}")
-            missing, extra = set(names) - set(row), set(row) - set(names)
-            if missing or extra:
-                raise HttpError(400, f"instances[{i}]: " + "; ".join(
-                    ([f"missing input(s) {', '.join(sorted(missing))}"] if missing else [])
-                    + ([f"unknown input(s) {_names(extra)}"] if extra else [])))
-            for k in names:
-                columns[k].append(row[k])
-        return columns
+        rows = [cls._named(f"instances[{i}]", row, names) for i, row in enumerate(instances)]
+        return {k: [row[k] for row in rows] for k in names}
 
-    @staticmethod
-    def _columns(inputs: Any, specs: dict[str, Any]) -> dict[str, list[Any]]:
+    @classmethod
+    def _columns(cls, inputs: Any, specs: dict[str, Any]) -> dict[str, list[Any]]:
         names = sorted(specs)
-        if len(names) == 1 and not (isinstance(inputs, dict) and set(inputs) == set(names)):
-            inputs = {names[0]: inputs}
-        if not isinstance(inputs, dict):
-            raise HttpError(400, f"field inputs must be an object with inputs {', '.join(names)}")
-        missing, extra = set(names) - set(inputs), set(inputs) - set(names)
-        if missing or extra:
-            raise HttpError(400, "inputs: " + "; ".join(
-                ([f"missing input(s) {', '.join(sorted(missing))}"] if missing else [])
-                + ([f"unknown input(s) {_names(extra)}"] if extra else [])))
+        inputs = cls._named("inputs", inputs, names)
         for k in names:
             if not isinstance(inputs[k], list):
                 raise HttpError(400, f"inputs.{k} must be a list (one value per instance)")

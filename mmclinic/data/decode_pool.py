@@ -40,7 +40,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_":
               "MALLOC_TOP_PAD_": str(16 << 20)}
 """glibc allocator settings for the workers. Each file allocates a few arrays of several MiB;
 with glibc's defaults the freed memory went back to the kernel between files and came back as
-fresh pages, ~2,700 page faults per 1024-px film here (about a third of its decoding time).
+fresh pages, ~2,700 page faults per 1024-px film here (see the README for the measured effect).
 With these, buffers below 64 MiB are reused from the heap, which keeps up to 128 MiB of free
 memory (peak memory measured unchanged); larger ones are still mapped and returned at once.
 A user's own MALLOC_* variables win; other allocators ignore these."""
