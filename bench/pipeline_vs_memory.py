@@ -31,13 +31,13 @@ def main() -> None:
     import pandas as pd
     import tensorflow as tf
 
-    from mmclinic import losses
+    from mmclinic.training import losses
     from mmclinic.config import load_config
     from mmclinic.data.ingest import IngestOptions, ingest
     from mmclinic.data.pipeline import make_dataset
     from mmclinic.data.synth import synthesize
     from mmclinic.models.dual_encoder import from_model_config
-    from mmclinic.tokenizer import ReportTokenizer, learn_vocabulary
+    from mmclinic.text.tokenizer import ReportTokenizer, learn_vocabulary
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-bench-"))

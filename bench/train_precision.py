@@ -2,7 +2,7 @@
 
 Usage:  .venv/bin/python bench/train_precision.py [--steps 30] [--batch 32] [--size 64]
 
-Times the dual-tower training step of `mmclinic.train` (same model, loss, optimizer) on
+Times the dual-tower training step of `mmclinic.training.loop` (same model, loss, optimizer) on
 synthetic tensors for each setting, side by side in one process, after a warm-up step that
 absorbs tracing/compilation (reported separately). Prints a table of examples/s and the ratio
 to float32 without XLA. On CPUs without native bfloat16 matrix units, mixed_bfloat16 is usually
@@ -23,9 +23,9 @@ def bench(precision: str, jit: bool, steps: int, batch: int, size: int, length: 
     import numpy as np
     import tensorflow as tf
 
-    from mmclinic import losses
+    from mmclinic.training import losses
     from mmclinic.models import DualEncoder
-    from mmclinic.optim import LayerwiseAdamW
+    from mmclinic.training.optim import LayerwiseAdamW
 
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(0)

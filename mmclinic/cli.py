@@ -136,34 +136,34 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dataset {r.dataset} (version {r.version}): {r.accepted} images accepted, {r.quarantined} "
               f"quarantined, {r.reports} reports; splits {r.splits}")
     elif args.command == "train":
-        from mmclinic.train import train_from_file
+        from mmclinic.training.loop import train_from_file
 
         r = train_from_file(args.experiment, args.data, args.workdir, args.overrides)
         print(f"run {r.workdir}: step {r.step}, MLflow run {r.mlflow_run_id}")
     elif args.command == "evaluate":
-        from mmclinic.evaluate import evaluate, headline
+        from mmclinic.eval.evaluate import evaluate, headline
 
         report = evaluate(args.target, args.data, args.split, args.out)
         print(json.dumps(headline(report), indent=2))
         print(f"report written to {args.out}")
     elif args.command == "compare":
-        from mmclinic.compare import compare, summary_text
+        from mmclinic.eval.compare import compare, summary_text
 
         r = compare(args.runs, args.out, args.data, args.split, args.boot)
         print(summary_text(r))
         if args.out:
             print(f"tables and plots written to {args.out}")
     elif args.command == "export":
-        from mmclinic.export import export
+        from mmclinic.serve.export import export
 
         r = export(args.run, args.out, args.name)
         print(f"exported version {r.version} to {r.path}")
     elif args.command == "serve":
-        from mmclinic.serving import serve
+        from mmclinic.serve.server import serve
 
         serve(args.model_base, args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb)
     elif args.command == "score":
-        from mmclinic.scoring import score
+        from mmclinic.serve.scoring import score
 
         r = score(args.model_dir, data=args.data, input_csv=args.input, db=args.db, split=args.split)
         print(f"scored {r.pairs} pairs ({r.failed} unreadable), {r.flagged} flagged; run {r.scoring_run_id} in {r.db}")

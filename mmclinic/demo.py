@@ -26,10 +26,10 @@ def run_demo(workdir: str | Path = "demo_run", patients: int = 80, experiment: s
     """Run the whole loop on synthetic data in ``workdir``; return where the outputs are."""
     from mmclinic.data.ingest import IngestOptions, ingest
     from mmclinic.data.synth import synthesize
-    from mmclinic.evaluate import evaluate, headline
-    from mmclinic.export import export
-    from mmclinic.scoring import score
-    from mmclinic.train import train
+    from mmclinic.eval.evaluate import evaluate, headline
+    from mmclinic.serve.export import export
+    from mmclinic.serve.scoring import score
+    from mmclinic.training.loop import train
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

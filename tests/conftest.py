@@ -49,7 +49,7 @@ def dataset(synth_source, tmp_path_factory) -> Path:
 def trained_run(dataset, tmp_path_factory) -> Path:
     """The tiny experiment trained long enough to learn something (about a minute here)."""
     from mmclinic.config import load_config
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=200", "train.checkpoint_every=50",
                                                             "train.eval_every=200", "train.log_every=50",
@@ -63,6 +63,6 @@ def trained_run(dataset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported_model(trained_run, tmp_path_factory):
     """``trained_run`` vetted and exported once (MODEL_BASE/tiny/1), for the export, scoring and serving tests."""
-    from mmclinic.export import export
+    from mmclinic.serve.export import export
 
     return export(trained_run, tmp_path_factory.mktemp("models"), "tiny")

@@ -29,8 +29,8 @@ def earlier_run(trained_run, tmp_path_factory):
 
 
 def test_compare_workdirs_and_mlflow_run_with_paired_bootstrap(trained_run, earlier_run, dataset, tmp_path):
-    from mmclinic.compare import compare, summary_text
-    from mmclinic.evaluate import evaluate
+    from mmclinic.eval.compare import compare, summary_text
+    from mmclinic.eval.evaluate import evaluate
 
     if not (trained_run / "eval" / "latest.json").is_file():
         evaluate(trained_run, dataset, "test", tmp_path / "REPORT.json")
@@ -69,7 +69,7 @@ def test_compare_workdirs_and_mlflow_run_with_paired_bootstrap(trained_run, earl
 
 
 def test_compare_same_model_twice_shows_no_difference(trained_run, dataset, tmp_path):
-    from mmclinic.compare import compare
+    from mmclinic.eval.compare import compare
 
     twin = tmp_path / "twin"
     shutil.copytree(trained_run, twin, ignore=shutil.ignore_patterns("eval", "tensorboard", "mlflow_run_id"))
@@ -87,7 +87,7 @@ def test_compare_bad_arguments_exit_2(trained_run, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "notarun")]) == 2
     assert main(["compare", str(trained_run), "--data", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
-    from mmclinic.compare import compare
+    from mmclinic.eval.compare import compare
 
     with pytest.raises(UsageError, match="--split"):
         compare([str(trained_run)], split="dev")

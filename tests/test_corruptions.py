@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from mmclinic.corruptions import (KINDS, build_corruption_set, negate_finding, normalize_report, positive_findings,
+from mmclinic.text.corruptions import (KINDS, build_corruption_set, negate_finding, normalize_report, positive_findings,
                                   swap_finding, swap_finding_detail, swap_laterality)
 
 SYNTH_LIKE = [

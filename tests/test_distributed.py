@@ -40,7 +40,7 @@ def test_gathered_loss_and_gradients_equal_single_replica_on_the_global_batch():
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras
         import numpy as np
-        from mmclinic import losses
+        from mmclinic.training import losses
         from mmclinic.models import DualEncoder
 
         keras.utils.set_random_seed(0)
@@ -114,7 +114,7 @@ def test_mirrored_strategy_trains_on_two_devices(dataset, tmp_path):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from mmclinic.config import load_config
-        from mmclinic.train import train
+        from mmclinic.training.loop import train
         cfg = load_config({TINY!r}, ["train.strategy=mirrored", "train.steps=4", "train.batch_size=8",
                                     "train.log_every=2", "train.eval_every=100", "train.checkpoint_every=4"])
         r = train(cfg, {str(dataset)!r}, {str(tmp_path / "mirrored")!r}, quiet=True)
@@ -146,7 +146,7 @@ def test_two_workers_complete_and_agree_on_the_weights(dataset, tmp_path):
     code = f"""
         import json, os
         from mmclinic.config import load_config
-        from mmclinic.train import train
+        from mmclinic.training.loop import train
         cfg = load_config({TINY!r}, ["train.strategy=multi_worker", "train.steps=10", "train.batch_size=8",
                                     "train.log_every=5", "train.eval_every=100", "train.checkpoint_every=5",
                                     "train.deterministic=true", "data.deterministic=true"])

@@ -19,12 +19,12 @@ def test_training_learns_better_than_untrained(trained_run, dataset):
     """Held-out (val + test splits) retrieval and mismatch detection beat the same model at initialisation."""
     import keras
 
-    from mmclinic.evaluate import RunScorer, compute_report, load_run_model, load_split
+    from mmclinic.eval.evaluate import RunScorer, compute_report, load_run_model, load_split
     from mmclinic.models.dual_encoder import from_model_config
 
     import pandas as pd
 
-    from mmclinic.evaluate import SplitData
+    from mmclinic.eval.evaluate import SplitData
 
     model, tok, cfg = load_run_model(trained_run)
     val, tst = load_split(dataset, "val"), load_split(dataset, "test")
@@ -61,7 +61,7 @@ def test_run_folder_and_tracking(trained_run):
 
 
 def test_same_workdir_resumes_and_changed_config_refuses(trained_run, dataset):
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     cfg = load_config(trained_run / "config.yaml")
     again = train(cfg, dataset, trained_run, quiet=True)
@@ -73,7 +73,7 @@ def test_same_workdir_resumes_and_changed_config_refuses(trained_run, dataset):
 
 def test_interrupted_run_resumes_at_its_step(dataset, tmp_path):
     """A run stopped after its step-5 checkpoint continues from step 5 in the same MLflow run."""
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=10", "train.checkpoint_every=5",
                                                             "train.eval_every=100"])
@@ -93,8 +93,8 @@ def test_interrupted_run_resumes_at_its_step(dataset, tmp_path):
 
 
 def test_evaluate_export_load_elsewhere_and_score(trained_run, dataset, synth_source, exported_model, tmp_path):
-    from mmclinic.evaluate import evaluate
-    from mmclinic.scoring import score
+    from mmclinic.eval.evaluate import evaluate
+    from mmclinic.serve.scoring import score
 
     report = evaluate(trained_run, dataset, "test", tmp_path / "REPORT.json")
     saved = json.loads((tmp_path / "REPORT.json").read_text())
@@ -155,8 +155,8 @@ print("OK", s.tolist())
 
 def test_export_refuses_an_unvetted_run(dataset, tmp_path):
     from mmclinic.errors import VettingFailed
-    from mmclinic.export import export
-    from mmclinic.train import train
+    from mmclinic.serve.export import export
+    from mmclinic.training.loop import train
 
     cfg = load_config(REPO / "experiments" / "tiny.yaml", ["train.steps=2", "train.eval_every=100",
                                                             "export.min_mismatch_auroc=0.99"])

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmclinic import calibration, metrics, zeroshot
+from mmclinic.eval import calibration
+from mmclinic.eval import metrics
+from mmclinic.eval import zeroshot
 from mmclinic.config import ConfigError, EvalConfig, config_from_dict
 from mmclinic.errors import UsageError
 
@@ -172,7 +174,7 @@ REPORTS = [
 
 
 def _split(n_images: int, labels: bool = True, duplicate: bool = False):
-    from mmclinic.evaluate import SplitData
+    from mmclinic.eval.evaluate import SplitData
 
     rows, png, texts = [], [], []
     for i in range(n_images):
@@ -197,7 +199,7 @@ def _no_nan(report):
 
 
 def test_compute_report_full_structure_on_a_numpy_scorer():
-    from mmclinic.evaluate import compute_report, headline
+    from mmclinic.eval.evaluate import compute_report, headline
 
     data, scorer = _split(48)
     ev = EvalConfig(zeroshot_min_positives=3, min_slice_size=10)
@@ -231,7 +233,7 @@ def test_compute_report_full_structure_on_a_numpy_scorer():
 
 
 def test_dedup_pool_sizes_on_a_hand_made_case():
-    from mmclinic.evaluate import compute_report
+    from mmclinic.eval.evaluate import compute_report
 
     # 8 images, 8 reports; one report is a normal text another patient also has (same normalised text).
     data, scorer = _split(8, duplicate=True)
@@ -251,7 +253,7 @@ def test_dedup_pool_sizes_on_a_hand_made_case():
 
 
 def test_small_or_unlabelled_data_is_marked_not_computed():
-    from mmclinic.evaluate import compute_report
+    from mmclinic.eval.evaluate import compute_report
 
     data, scorer = _split(2, labels=False)
     rep = compute_report(scorer, data, boot=20, config=EvalConfig())
@@ -302,7 +304,7 @@ def labelled_dataset(dataset, synth_source, tmp_path_factory):
 def test_evaluate_writes_report_html_failure_cases_and_logs_them(trained_run, labelled_dataset, tmp_path):
     import mlflow
 
-    from mmclinic.evaluate import evaluate
+    from mmclinic.eval.evaluate import evaluate
 
     out = tmp_path / "eval" / "REPORT.json"
     report = evaluate(trained_run, labelled_dataset, "test", out)
@@ -342,7 +344,7 @@ def test_evaluate_writes_report_html_failure_cases_and_logs_them(trained_run, la
 
 @pytest.mark.slow
 def test_evaluate_refuses_a_run_without_checkpoint_and_an_empty_split(trained_run, dataset, tmp_path):
-    from mmclinic.evaluate import evaluate
+    from mmclinic.eval.evaluate import evaluate
 
     bare = tmp_path / "bare"
     bare.mkdir()

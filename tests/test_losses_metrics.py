@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mmclinic import losses, metrics
+from mmclinic.training import losses
+from mmclinic.eval import metrics
 
 
 def test_clip_loss_matches_hand_computation():

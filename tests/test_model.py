@@ -80,7 +80,7 @@ def minilm_model():
 
 def _minilm_inputs():
     from mmclinic.models.towers import text_preset_dir
-    from mmclinic.tokenizer import ReportTokenizer
+    from mmclinic.text.tokenizer import ReportTokenizer
 
     tok = ReportTokenizer.from_preset(text_preset_dir("minilm"), 24)
     ids, mask = tok(np.array(MINILM_TEXTS))

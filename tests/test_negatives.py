@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mmclinic.config import MISMATCH_KINDS, load_config, parse_mismatch_kinds
-from mmclinic.corruptions import normalize_report
+from mmclinic.text.corruptions import normalize_report
 from mmclinic.data.negatives import TABLE_KINDS, build_negatives, split_negatives
 
 from conftest import REPO
@@ -90,7 +90,7 @@ def test_pipeline_looks_up_and_tokenizes_the_negatives_of_each_report(dataset):
 
     from mmclinic.config import DataConfig
     from mmclinic.data.pipeline import make_dataset
-    from mmclinic.tokenizer import ReportTokenizer, learn_vocabulary
+    from mmclinic.text.tokenizer import ReportTokenizer, learn_vocabulary
 
     texts = pd.read_parquet(dataset / "reports.parquet")["text"].tolist()
     tok = ReportTokenizer(learn_vocabulary(texts, 300), 40)
@@ -114,7 +114,7 @@ def test_pipeline_looks_up_and_tokenizes_the_negatives_of_each_report(dataset):
 def test_match_loss_by_kind_weighs_kinds_and_ignores_missing_negatives():
     import tensorflow as tf
 
-    from mmclinic import losses
+    from mmclinic.training import losses
 
     pos = tf.constant([2.0, 1.0, 0.5])
     neg = {"negation": tf.constant([1.0, -1.0, 3.0]), "laterality_swap": tf.constant([0.0, 2.0, -2.0])}

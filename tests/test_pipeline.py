@@ -5,7 +5,7 @@ import tensorflow as tf
 from mmclinic.config import DataConfig
 from mmclinic.data import preprocess
 from mmclinic.data.pipeline import make_dataset
-from mmclinic.tokenizer import ReportTokenizer, learn_vocabulary
+from mmclinic.text.tokenizer import ReportTokenizer, learn_vocabulary
 
 
 def test_swap_laterality_changes_every_side_word_and_nothing_else():

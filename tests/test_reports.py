@@ -1,6 +1,6 @@
 import pytest
 
-from mmclinic.data.reports import model_text, normalize_whitespace, parse_sections
+from mmclinic.text.reports import model_text, normalize_whitespace, parse_sections
 
 
 def test_sections_and_variants_are_parsed():

@@ -31,7 +31,7 @@ def model_base(exported_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_base):
-    from mmclinic.serving import make_http_server
+    from mmclinic.serve.server import make_http_server
 
     log = io.StringIO()
     httpd = make_http_server(model_base, "127.0.0.1", 0, max_batch=4, max_body_mb=0.5, log=log)

@@ -18,7 +18,7 @@ from PIL import Image
 from mmclinic.data.cards import read_data_card
 from mmclinic.data.decode_pool import DecodeSettings, decode_all
 from mmclinic.data.ingest import IngestOptions, ingest
-from mmclinic.data.reports import normalize_whitespace, parse_sections
+from mmclinic.text.reports import normalize_whitespace, parse_sections
 from mmclinic.data.sources import detect_format
 from mmclinic.data.splits import check_splits, near_duplicate_pairs
 from mmclinic.errors import MmclinicError, UsageError

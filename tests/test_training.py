@@ -25,7 +25,7 @@ def _checkpoint(run, step):
 
 @pytest.fixture(scope="module")
 def straight_run(dataset, tmp_path_factory):
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     run = tmp_path_factory.mktemp("straight") / "run"
     return train(load_config(TINY, DETERMINISTIC), dataset, run, quiet=True)
@@ -37,7 +37,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bit_for_bit(straight_
     weights, optimizer state and dropout states of a run that never stopped (data order included)."""
     import mlflow
 
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     cfg = load_config(TINY, DETERMINISTIC)
     run = tmp_path / "resumed"
@@ -88,9 +88,9 @@ def test_run_registers_its_model_and_logs_lineage(straight_run, dataset):
 def _initial_and_trained(cfg, dataset, run):
     import keras
 
-    from mmclinic.evaluate import load_run_model
+    from mmclinic.eval.evaluate import load_run_model
     from mmclinic.models.dual_encoder import from_model_config
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     train(cfg, dataset, run, quiet=True)
     trained, tok, _ = load_run_model(run)
@@ -138,7 +138,7 @@ def test_layerwise_learning_rates_scale_the_adamw_step_and_its_weight_decay():
     import keras
 
     from mmclinic.models import DualEncoder
-    from mmclinic.optim import LayerwiseAdamW
+    from mmclinic.training.optim import LayerwiseAdamW
 
     a, b, c = (keras.Variable(np.ones(3, "float32"), name=n) for n in ("a", "b", "c"))
     opt = LayerwiseAdamW(learning_rate=0.01, weight_decay=0.1, lr_multipliers={b.path: 0.1, c.path: 0.0})
@@ -165,7 +165,7 @@ def test_layerwise_learning_rates_scale_the_adamw_step_and_its_weight_decay():
 def test_mixed_bfloat16_trains_with_float32_losses(dataset, tmp_path):
     import keras
 
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     cfg = load_config(TINY, ["train.steps=3", "train.eval_every=100", "train.checkpoint_every=3",
                              "train.log_every=1", "train.precision=mixed_bfloat16"])
@@ -180,7 +180,7 @@ def test_mixed_float16_model_gives_float32_embeddings_and_loss():
     are float32. Training steps in float16 are not run here: float16 kernels are slow on CPU."""
     import keras
 
-    from mmclinic import losses
+    from mmclinic.training import losses
     from mmclinic.models import DualEncoder
 
     cfg = load_config(TINY, ["train.precision=mixed_float16"])
@@ -221,7 +221,7 @@ def test_config_rejects_bad_training_keys():
 
 def test_multi_worker_without_tf_config_is_a_usage_error(dataset, tmp_path, monkeypatch):
     from mmclinic.errors import UsageError
-    from mmclinic.train import train
+    from mmclinic.training.loop import train
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(UsageError, match="TF_CONFIG"):

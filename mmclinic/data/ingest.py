@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 
 from mmclinic import errors
-from mmclinic.data import cards, reports as reports_mod, shards, splits
+from mmclinic.data import cards, shards, splits
+from mmclinic.text import reports as reports_mod
 from mmclinic.data.decode_pool import NAME_TAGS, DecodeSettings, decode_all
 from mmclinic.data.sources import FORMATS, SCANNERS, CsvColumns, ImageJob, ReportRow, detect_format
 from mmclinic.phi.dicom_deid import Pseudonymizer, load_or_create_key

@@ -5,13 +5,13 @@ seed and the report id (so a report's variants do not depend on the order of the
 
 - ``other_patient_same_findings``: another patient's report stating the same findings (the
   manifest's list-valued ``labels`` where present, else the report text rules of
-  :func:`mmclinic.corruptions.positive_findings`);
+  :func:`mmclinic.text.corruptions.positive_findings`);
 - ``same_patient_other_study``: the same patient's report of another study;
-- ``negation``: the report with one stated finding negated (:func:`mmclinic.corruptions.negate_finding`);
-- ``finding_swap``: the report with one stated finding's term replaced (:func:`mmclinic.corruptions.swap_finding`).
+- ``negation``: the report with one stated finding negated (:func:`mmclinic.text.corruptions.negate_finding`);
+- ``finding_swap``: the report with one stated finding's term replaced (:func:`mmclinic.text.corruptions.swap_finding`).
 
 An empty string means the kind does not apply to that report. No text equals the report's own
-after :func:`mmclinic.corruptions.normalize_report`. The other two kinds of
+after :func:`mmclinic.text.corruptions.normalize_report`. The other two kinds of
 ``train.mismatch_kinds`` need no table: ``other_patient`` is another report of the batch and
 ``laterality_swap`` is made in the graph (:func:`mmclinic.data.preprocess.swap_laterality`).
 """
@@ -36,7 +36,7 @@ class NegativeTables:
     texts: dict[str, tuple[str, ...]]
     """kind -> one text per report id, in ``report_ids`` order."""
     normalized: tuple[str, ...]
-    """Each report's own text in comparison form (:func:`mmclinic.corruptions.normalize_report`)."""
+    """Each report's own text in comparison form (:func:`mmclinic.text.corruptions.normalize_report`)."""
     sources: dict[str, tuple[str, ...]]
     """For the partner kinds, the report id each text came from ("" where none)."""
     findings_source: str = ""
@@ -68,9 +68,9 @@ def _pick(rng: np.random.Generator, group: Sequence[int], ok: Callable[[int], bo
 
 
 def _report_findings(labels: Sequence[Any], texts: Sequence[str]) -> tuple[list[frozenset[str]], str]:
-    """As :func:`mmclinic.evaluate.report_findings`: list-valued label keys, else the text rules."""
-    from mmclinic.corruptions import positive_findings
-    from mmclinic.zeroshot import parse_labels
+    """As :func:`mmclinic.eval.evaluate.report_findings`: list-valued label keys, else the text rules."""
+    from mmclinic.text.corruptions import positive_findings
+    from mmclinic.text.labels import parse_labels
 
     out: list[frozenset[str] | None] = []
     for obj in parse_labels(list(labels)):
@@ -87,7 +87,7 @@ def build_negatives(report_ids: Sequence[str], texts: Sequence[str], patients: S
                     kinds: Sequence[str] = TABLE_KINDS) -> NegativeTables:
     """Negative texts of ``kinds`` for each report (one row per report: its id, text, patient key,
     study key and manifest ``labels``, None where absent). Deterministic for the inputs and seed."""
-    from mmclinic.corruptions import negate_finding, normalize_report, swap_finding
+    from mmclinic.text.corruptions import negate_finding, normalize_report, swap_finding
 
     unknown = sorted(set(kinds) - set(TABLE_KINDS))
     if unknown:

@@ -6,9 +6,6 @@ import re
 
 import tensorflow as tf
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-PAD_ID, UNK_ID, CLS_ID, SEP_ID = 0, 1, 2, 3
-
 
 def decode_image(png_or_jpeg: tf.Tensor, size: int) -> tf.Tensor:
     """Encoded PNG/JPEG bytes (scalar string) -> float32 (size, size, 1) in [0, 1]."""

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmclinic import metrics
+from mmclinic.eval import metrics
 from mmclinic.config import EvalConfig, ExperimentConfig, config_from_dict, load_config
 from mmclinic.errors import UsageError
 
@@ -101,7 +101,7 @@ def load_run_model(run: str | Path):
     import tensorflow as tf
 
     from mmclinic.models.dual_encoder import from_model_config
-    from mmclinic.tokenizer import ReportTokenizer, load_vocabulary
+    from mmclinic.text.tokenizer import ReportTokenizer, load_vocabulary
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -164,10 +164,10 @@ def report_findings(emb: Embedded) -> tuple[list[frozenset[str]], str]:
 
     From the manifest's ``labels`` column where it holds list-valued keys (``findings``,
     ``problems``: their union, lower case), otherwise from the report text by the rules of
-    :func:`mmclinic.corruptions.positive_findings`.
+    :func:`mmclinic.text.corruptions.positive_findings`.
     """
-    from mmclinic.corruptions import positive_findings
-    from mmclinic.zeroshot import parse_labels
+    from mmclinic.text.corruptions import positive_findings
+    from mmclinic.text.labels import parse_labels
 
     out: list[frozenset[str] | None] = [None] * len(emb.report_ids)
     if "labels" in emb.meta.columns:
@@ -188,8 +188,8 @@ def report_findings(emb: Embedded) -> tuple[list[frozenset[str]], str]:
 
 def mismatch_set(emb: Embedded, seed: int, findings: list[frozenset[str]] | None = None,
                  kinds: tuple[str, ...] | None = None):
-    """A fixed, seeded :class:`~mmclinic.corruptions.CorruptionSet` of the split (see that module)."""
-    from mmclinic.corruptions import KINDS, build_corruption_set
+    """A fixed, seeded :class:`~mmclinic.text.corruptions.CorruptionSet` of the split (see that module)."""
+    from mmclinic.text.corruptions import KINDS, build_corruption_set
 
     if findings is None:
         findings, _ = report_findings(emb)
@@ -269,8 +269,8 @@ def compute_report(scorer: Scorer, data: SplitData, boot: int = 200, seed: int =
     ``details``: when a dict, filled with the per-item arrays behind the figures (plots and
     failure tables use them).
     """
-    from mmclinic import calibration
-    from mmclinic.corruptions import KINDS, normalize_report
+    from mmclinic.eval import calibration
+    from mmclinic.text.corruptions import KINDS, normalize_report
 
     ev = config or EvalConfig()
     if len(data.png) == 0:
@@ -421,7 +421,7 @@ def compute_report(scorer: Scorer, data: SplitData, boot: int = 200, seed: int =
 
 def _zero_shot(scorer: Scorer, emb: Embedded, patients: np.ndarray, ev: EvalConfig, boot: int,
                seed: int) -> dict[str, Any]:
-    from mmclinic import zeroshot
+    from mmclinic.eval import zeroshot
 
     if "labels" not in emb.meta.columns:
         return {"not_computed": "the manifest has no 'labels' column"}
@@ -488,7 +488,7 @@ SLICE_COLUMNS = ("modality", "view", "laterality", "sex", "age_band", "manufactu
 
 def _slices(emb: Embedded, patients: np.ndarray, i2t: np.ndarray, cset, labels: np.ndarray, mscore: np.ndarray,
             y_match: np.ndarray, probs: np.ndarray, ev: EvalConfig, boot: int, seed: int) -> dict[str, Any]:
-    from mmclinic import calibration
+    from mmclinic.eval import calibration
 
     out: dict[str, Any] = {}
     min_size = ev.min_slice_size
@@ -531,7 +531,7 @@ class ValidationReference:
 
 def validation_reference(scorer: Scorer, dataset: str | Path, ev: EvalConfig) -> ValidationReference:
     """Mismatch threshold for ``ev.target_sensitivity`` and match-logit temperature, from the validation split."""
-    from mmclinic import calibration
+    from mmclinic.eval import calibration
 
     try:
         data = load_split(dataset, "val")
@@ -624,7 +624,7 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
                            "split": split, "dataset_version": _dataset_version(data)}
     written: list[Path] = []
     if out is not None:
-        from mmclinic import report_html
+        from mmclinic.eval import report_html
 
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def _latest_report(run: Path) -> tuple[dict[str, Any] | None, str | None]:
 def resolve_run(argument: str) -> RunRecord:
     """A run folder or an MLflow run id; UsageError naming the argument otherwise."""
     from mmclinic.config import load_config
-    from mmclinic.evaluate import headline_figures
+    from mmclinic.eval.evaluate import headline_figures
     from mmclinic.tracking import flatten
 
     path = Path(argument)
@@ -107,7 +107,7 @@ def resolve_run(argument: str) -> RunRecord:
 
 
 def _fmt(fig: dict[str, Any] | None) -> str:
-    from mmclinic.report_html import fmt
+    from mmclinic.eval.report_html import fmt
 
     return fmt(fig) if fig else ""
 
@@ -132,9 +132,9 @@ def _paired(runs: list[RunRecord], data: Path, split: str, boot: int, seed: int 
     """Paired bootstrap of every checkpointed workdir run against the first one."""
     import tensorflow as tf
 
-    from mmclinic import metrics
+    from mmclinic.eval import metrics
     from mmclinic.config import load_config
-    from mmclinic.evaluate import RunScorer, embed, load_split, mismatch_set, pair_logits
+    from mmclinic.eval.evaluate import RunScorer, embed, load_split, mismatch_set, pair_logits
 
     usable, skipped = [], []
     for r in runs:
@@ -192,7 +192,7 @@ def _plots(runs: list[RunRecord], paired: list[dict[str, Any]]) -> dict[str, byt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmclinic.report_html import _png
+    from mmclinic.eval.report_html import _png
 
     out: dict[str, bytes] = {}
     names = [m for m in KEY_METRICS if any(m in r.metrics for r in runs)]
@@ -305,7 +305,7 @@ def summary_text(result: CompareResult) -> str:
 
 
 def _html(result: CompareResult, plots: dict[str, bytes]) -> str:
-    from mmclinic.report_html import _img_tag, _page, _table
+    from mmclinic.eval.report_html import _img_tag, _page, _table
 
     def df_table(df) -> str:
         return _table([df.index.name or ""] + [str(c) for c in df.columns],

@@ -39,7 +39,7 @@ def build_serving_module(model, vocab: list[str], image_size: int, max_length: i
     import tensorflow as tf
 
     from mmclinic.data.preprocess import decode_image
-    from mmclinic.tokenizer import ReportTokenizer
+    from mmclinic.text.tokenizer import ReportTokenizer
 
     class ServingModule(tf.Module):
         def __init__(self) -> None:
@@ -149,7 +149,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     """Vet ``run`` and, when every check passes, write ``MODEL_BASE/NAME/VERSION/``."""
     import tensorflow as tf
 
-    from mmclinic.evaluate import RunScorer, compute_report, load_run_model, load_split
+    from mmclinic.eval.evaluate import RunScorer, compute_report, load_run_model, load_split
     from mmclinic.phi.guard import DEFAULT_GUARD
 
     run, model_base = Path(run), Path(model_base)

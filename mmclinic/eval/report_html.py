@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mmclinic import metrics
+from mmclinic.eval import metrics
 
 SNIPPET_CHARS = 200
 

@@ -51,7 +51,7 @@ def _tables(metadata):
 
 
 def _pairs_from_dataset(data: Path, split: str) -> tuple[list[str], list[str], list[bytes | None], list[str], list]:
-    from mmclinic.evaluate import load_split
+    from mmclinic.eval.evaluate import load_split
 
     splits = ("train", "val", "test") if split == "all" else (split,)
     ids, rids, png, texts, errs = [], [], [], [], []
@@ -98,7 +98,7 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
 
-    from mmclinic.export import resolve_model_dir
+    from mmclinic.serve.export import resolve_model_dir
 
     if (data is None) == (input_csv is None):
         raise UsageError("give exactly one of --data DATASET or --input CSV")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from mmclinic.data.preprocess import SPECIAL_TOKENS
 from mmclinic.errors import UsageError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_ID, UNK_ID, CLS_ID, SEP_ID = 0, 1, 2, 3
 
 
 def learn_vocabulary(texts: Iterable[str], size: int) -> list[str]:

@@ -187,16 +187,16 @@ def _train(config: ExperimentConfig, data: Path, workdir: Path, own_dir: Path, c
     import pandas as pd
     import tensorflow as tf
 
-    from mmclinic import losses
+    from mmclinic.training import losses
     from mmclinic.config import parse_mismatch_kinds
     from mmclinic.data.cards import file_sha256
     from mmclinic.data.negatives import TABLE_KINDS, split_negatives
     from mmclinic.data.pipeline import make_dataset
-    from mmclinic.evaluate import RunScorer, compute_report, headline, load_split
+    from mmclinic.eval.evaluate import RunScorer, compute_report, headline, load_split
     from mmclinic.models.dual_encoder import from_model_config
     from mmclinic.models.towers import preset_vocabulary
-    from mmclinic.optim import LayerwiseAdamW
-    from mmclinic.tokenizer import ReportTokenizer, learn_vocabulary, load_vocabulary, save_vocabulary
+    from mmclinic.training.optim import LayerwiseAdamW
+    from mmclinic.text.tokenizer import ReportTokenizer, learn_vocabulary, load_vocabulary, save_vocabulary
     from mmclinic.tracking import MlflowRun, NullRun, Scalars, flatten, git_commit, tracking_uri, write_projector
 
     tc = config.train

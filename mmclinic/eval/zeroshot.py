@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mmclinic.text.labels import parse_labels
+
 POSITIVE_TEMPLATES = ("{label}", "there is {label}", "findings consistent with {label}")
 NEGATIVE_TEMPLATES = ("no {label}", "no evidence of {label}")
 CLASS_TEMPLATES = ("{value}", "a {value} image", "{value} {key}")
@@ -34,24 +36,6 @@ def readable(name: str) -> str:
     """Label text a prompt can use: underscores to spaces, lower case unless an acronym."""
     text = str(name).replace("_", " ").strip()
     return text if text.isupper() and len(text) <= 5 else text.lower()
-
-
-def parse_labels(values: Sequence[Any]) -> list[dict[str, Any] | None]:
-    """One parsed ``labels`` object per row; None where missing or not a JSON object."""
-    out: list[dict[str, Any] | None] = []
-    for v in values:
-        if isinstance(v, dict):
-            out.append(v)
-            continue
-        if v is None or (isinstance(v, float) and np.isnan(v)) or not str(v).strip():
-            out.append(None)
-            continue
-        try:
-            obj = json.loads(str(v))
-        except ValueError:
-            obj = None
-        out.append(obj if isinstance(obj, dict) else None)
-    return out
 
 
 @dataclass
