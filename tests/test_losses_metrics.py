@@ -71,7 +71,7 @@ def test_bootstrap_interval_covers_truth_at_nominal_rate():
     for _ in range(trials):
         clusters = np.repeat(np.arange(40), 3)
         x = rng.normal(0.3, 1.0, 40)[clusters] + rng.normal(0, 0.3, 120)
-        ci = metrics.bootstrap_ci(lambda idx: float(x[idx].mean()), len(x), clusters, n_boot=200,
+        ci = metrics.bootstrap_ci(lambda idx, x=x: float(x[idx].mean()), len(x), clusters, n_boot=200,
                                   seed=int(rng.integers(1e9)))
         covered += ci[0] <= 0.3 <= ci[1]
     assert 0.85 <= covered / trials <= 1.0
