@@ -236,3 +236,42 @@ def test_png_header_beyond_pillow_bomb_limit_is_a_budget_error(tmp_path):
         read_image(tmp_path / "huge.png")
     with pytest.raises(errors.PixelBudgetExceeded, match="huge.png"):
         read_image(tmp_path / "huge.png", pixel_budget=1000)
+
+
+# --------------------------------------------------------------------------- time box (decode pool workers)
+
+
+def test_time_boxed_read_matches_in_process_read_and_reuses_a_warm_worker(tmp_path):
+    import os
+
+    from mmclinic.data.images import run_with_timeout
+
+    Image.fromarray((np.random.default_rng(0).random((30, 40)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    boxed, plain = read_image(tmp_path / "a.png", decode_timeout=30), read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(boxed.pixels, plain.pixels)
+    assert boxed.meta == plain.meta
+    with pytest.raises(errors.NotDicom, match="x.txt"):
+        (tmp_path / "x.txt").write_text("not an image")
+        read_image(tmp_path / "x.txt", decode_timeout=30)
+    first, second = run_with_timeout(os.getpid, (), 30), run_with_timeout(os.getpid, (), 30)
+    assert first == second != os.getpid()  # one worker process, kept between calls
+
+
+def test_time_boxed_read_gives_ingest_reason_codes_for_a_stuck_or_dying_decoder():
+    import os
+    import time
+
+    from mmclinic.data.images import run_with_timeout
+
+    start = time.monotonic()
+    with pytest.raises(errors.DecodeTimeout, match="slow.png") as info:
+        run_with_timeout(time.sleep, (30,), 0.5, name="slow.png")
+    assert info.value.reason_code == "decode_timeout" and time.monotonic() - start < 10
+    with pytest.raises(errors.CorruptImage, match="crash.png") as info:
+        run_with_timeout(os._exit, (3,), 30, name="crash.png")
+    assert info.value.reason_code == "decoder_crash"
+    assert run_with_timeout(os.getpid, (), 30) != os.getpid()  # a fresh worker took over
+    with pytest.raises(errors.UsageError, match="module-level function"):
+        run_with_timeout(lambda: 1, (), 30)
+    with pytest.raises(errors.UsageError, match="decode_timeout"):
+        run_with_timeout(os.getpid, (), 0)

@@ -1,11 +1,15 @@
-"""Parallel, time-boxed image decoding for ingest.
+"""Time-boxed decoding in worker processes: the one time box for reading images.
 
-Each worker process decodes one file at a time and writes its display-ready PNG
-straight to disk, so the parent holds only small metadata per image and memory
-stays flat however large the archive is. The parent knows which file every
-worker is on: a worker that exceeds the time box (a decoder stuck on a hostile
-file) or dies (a decoder crash) is killed and replaced, and that one file is
-quarantined with its reason while the run goes on.
+Ingest decodes a whole archive with :func:`decode_all`: each worker process decodes one
+file at a time and writes its display-ready PNG straight to disk, so the parent holds
+only small metadata per image and memory stays flat however large the archive is. The
+parent knows which file every worker is on: a worker that exceeds the time box (a
+decoder stuck on a hostile file) or dies (a decoder crash) is killed and replaced, and
+that one file is quarantined with its reason while the run goes on.
+
+One-off reads (``read_image(path, decode_timeout=...)``) go through :func:`call_in_worker`,
+the same workers and the same time box for a single call; an idle worker is kept for the
+next call, so a time-boxed read costs a round trip through a pipe, not a process start.
 
 Workers are fresh ``python -m mmclinic.data.decode_pool`` processes talking over pipes: the
 parent may already hold TensorFlow's threads, which do not survive ``fork``, and unlike
@@ -14,21 +18,26 @@ multiprocessing's ``spawn`` they never re-import the caller's main script.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
+import importlib
 import os
 import pickle
 import select
 import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from mmclinic import errors
+from mmclinic.data.images import DEFAULT_PIXEL_BUDGET
 
 IDENTITY_TAGS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers",
                  "InstitutionName", "InstitutionAddress", "StudyID")
@@ -52,7 +61,7 @@ class DecodeSettings:
     """Folder the PNGs are written to, named ``{job index}-{frame}.png``."""
     max_side: int = 512
     frame_policy: str = "first"
-    pixel_budget: int = 1 << 30
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET
     burned_in: str = "keep"
     """``keep`` (flag it in the manifest) or ``quarantine`` files declaring burned-in annotation."""
     dicom_out_dir: str | None = None
@@ -60,6 +69,8 @@ class DecodeSettings:
     deid_key_hex: str | None = None
     decoder: str = ""
     """``module:function`` to decode with instead of :func:`decode_job` (same signature); for custom readers."""
+    preload: tuple[str, ...] = ()
+    """Modules a worker imports when it starts, before its first job and so outside the time box."""
 
 
 def perceptual_hash(pixels: np.ndarray) -> str:
@@ -134,7 +145,10 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
 
 
 def _send(stream: Any, obj: Any) -> None:
-    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    _send_blob(stream, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _send_blob(stream: Any, blob: bytes) -> None:
     stream.write(struct.pack("<I", len(blob)) + blob)
     stream.flush()
 
@@ -157,23 +171,55 @@ def _recv(stream: Any) -> Any:
     return None if blob is None else pickle.loads(blob)
 
 
+def _resolve(ref: str) -> Any:
+    """The object named ``module:qualified.name``."""
+    module, _, name = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def call_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
+    """The decoder of :func:`call_in_worker`: ``job["fn"]`` (``module:name``) called with ``job["args"]``.
+
+    Its value comes back as ``value``; an exception it raises comes back as ``error``, to be
+    raised in the caller (replaced by :class:`errors.CorruptImage` if it cannot be sent).
+    """
+    try:
+        return {"ok": True, "index": job["index"], "value": _resolve(job["fn"])(*job["args"])}
+    except Exception as exc:  # noqa: BLE001 - everything goes back to the caller
+        error: Exception = exc
+        try:
+            pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:  # noqa: BLE001 - an exception that does not survive the pipe
+            error = errors.CorruptImage(f"{Path(job['path']).name}: the decoding process could not return its "
+                                        f"error ({type(exc).__name__})")
+        return {"ok": False, "index": job["index"], "reason": getattr(error, "reason_code", "error"),
+                "message": str(error), "error": error}
+
+
 def worker_main() -> None:
     """A decoding worker: settings, then jobs, on stdin; ``started`` and result messages on stdout."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but messages on the pipe
     settings: DecodeSettings = _recv(stdin)
-    fn = decode_job
-    if settings.decoder:
-        import importlib
-
-        module, _, name = settings.decoder.partition(":")
-        fn = getattr(importlib.import_module(module), name)
+    fn = _resolve(settings.decoder) if settings.decoder else decode_job
+    for module in settings.preload:
+        importlib.import_module(module)
     while True:
         job = _recv(stdin)
         if job is None:
             return
         _send(stdout, {"started": job["index"]})  # the time box counts from here, not from start-up
-        _send(stdout, fn(job, settings))
+        result = fn(job, settings)
+        try:
+            blob = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - a result that cannot be sent is one failed file
+            blob = pickle.dumps({"ok": False, "index": job["index"], "reason": "corrupt_image",
+                                 "message": f"{Path(job['path']).name}: the decoding process could not return "
+                                            f"its result ({type(exc).__name__})"})
+        _send_blob(stdout, blob)
 
 
 class _Slot:
@@ -219,23 +265,32 @@ START_ATTEMPTS = 3
 """Workers in a row that may exit before starting any file before the run stops with an error."""
 
 
-def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: int,
-               timeout: float | None = 120.0) -> Iterator[dict[str, Any]]:
-    """Decode ``jobs`` (dicts with ``index`` and ``path``) in ``workers`` processes; yield results as they come.
+def _extras(settings: DecodeSettings) -> str:
+    """What else a worker imports before its first file, for the start-up error."""
+    return "".join(f" and {what} {name}" for what, name in
+                   [("the decoder", settings.decoder)] * bool(settings.decoder) +
+                   [("the module", m) for m in settings.preload])
 
-    A file that takes longer than ``timeout`` seconds yields reason ``decode_timeout``;
-    one whose worker dies while decoding it yields ``decoder_crash``. Every job yields exactly
-    one result. A worker that exits before it starts its file (the interpreter or the decoder
-    cannot be loaded) costs no file: the file goes to the next worker, and after
-    ``START_ATTEMPTS`` such exits in a row the run stops with :class:`errors.MmclinicError`.
-    """
-    if not jobs:
-        return
-    slots: list[_Slot] = []
-    pending = list(reversed(jobs))
-    failed_starts = 0
-    try:
-        slots.extend(_Slot(settings) for _ in range(max(1, min(workers, len(jobs)))))
+
+class DecodePool:
+    """Up to ``workers`` decoding processes with ``settings``, kept between :meth:`run` calls until :meth:`close`."""
+
+    def __init__(self, settings: DecodeSettings, workers: int) -> None:
+        self.settings = settings
+        self.workers = max(1, workers)
+        self.slots: list[_Slot] = []
+
+    def run(self, jobs: list[dict[str, Any]], timeout: float | None) -> Iterator[dict[str, Any]]:
+        """Decode ``jobs``; yield one result per job as they come (see :func:`decode_all`).
+
+        After an exception, or when the caller stops early, some workers may still be busy:
+        :meth:`close` the pool then rather than running it again.
+        """
+        settings, slots = self.settings, self.slots
+        pending = list(reversed(jobs))
+        failed_starts = 0
+        while len(slots) < min(self.workers, len(jobs)):
+            slots.append(_Slot(settings))
         for slot in slots:
             if pending:
                 slot.give(pending.pop())
@@ -281,7 +336,7 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
                         raise errors.MmclinicError(
                             f"the decoding worker ({sys.executable} -m mmclinic.data.decode_pool) exited with code "
                             f"{code} {failed_starts} times in a row before starting a file; check that the "
-                            f"environment imports mmclinic{' and the decoder ' + settings.decoder if settings.decoder else ''}")
+                            f"environment imports mmclinic{_extras(settings)}")
                     pending.append(job)  # it never started this file: the next worker takes it
                 slots[i] = slot = _Slot(settings)
                 if pending:
@@ -294,16 +349,118 @@ def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: in
                 elif not never_started:
                     yield {"ok": False, "index": job["index"], "reason": "decoder_crash",
                            "message": f"{name}: the decoder process died while decoding it (exit code {code})"}
-    finally:
-        for slot in slots:  # close all first, then wait: the workers shut down side by side
+
+    def close(self) -> None:
+        """Stop every worker (a busy one is killed after a short wait)."""
+        for slot in self.slots:  # close all first, then wait: the workers shut down side by side
             if slot.proc.poll() is None:
                 try:
                     slot.proc.stdin.close()
                 except OSError:
                     pass
-        for slot in slots:
+        for slot in self.slots:
             if slot.proc.poll() is None:
                 slot.close()
+        self.slots = []
+
+
+def decode_all(jobs: list[dict[str, Any]], settings: DecodeSettings, workers: int,
+               timeout: float | None) -> Iterator[dict[str, Any]]:
+    """Decode ``jobs`` (dicts with ``index`` and ``path``) in ``workers`` processes; yield results as they come.
+
+    A file that takes longer than ``timeout`` seconds (``None``: no time box) yields reason
+    ``decode_timeout``; one whose worker dies while decoding it yields ``decoder_crash``. Every
+    job yields exactly one result. A worker that exits before it starts its file (the
+    interpreter or the decoder cannot be loaded) costs no file: the file goes to the next
+    worker, and after ``START_ATTEMPTS`` such exits in a row the run stops with
+    :class:`errors.MmclinicError`.
+    """
+    if not jobs:
+        return
+    pool = DecodePool(settings, min(workers, len(jobs)))
+    try:
+        yield from pool.run(jobs, timeout)
+    finally:
+        pool.close()
+
+
+IDLE_WORKERS = 4
+"""Workers :func:`call_in_worker` keeps warm per kind of call (one per thread calling at once)."""
+
+
+class _IdlePools:
+    """Single-worker pools waiting for the next :func:`call_in_worker`; closed at exit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.pools: dict[DecodeSettings, list[DecodePool]] = {}
+
+    def take(self, settings: DecodeSettings) -> DecodePool:
+        with self.lock:
+            if self.pid != os.getpid():  # a forked child: those workers belong to the parent
+                self.pools, self.pid = {}, os.getpid()
+            idle = self.pools.get(settings)
+            if idle:
+                return idle.pop()
+        return DecodePool(settings, 1)
+
+    def give_back(self, pool: DecodePool) -> None:
+        with self.lock:
+            idle = self.pools.setdefault(pool.settings, [])
+            if self.pid == os.getpid() and len(idle) < IDLE_WORKERS:
+                idle.append(pool)
+                return
+        pool.close()
+
+    def close(self) -> None:
+        with self.lock:
+            pools = [p for idle in self.pools.values() for p in idle] if self.pid == os.getpid() else []
+            self.pools = {}
+        for pool in pools:
+            pool.close()
+
+
+_IDLE = _IdlePools()
+atexit.register(_IDLE.close)
+
+
+def close_idle_workers() -> None:
+    """Stop the workers :func:`call_in_worker` keeps warm (they also stop when this process exits)."""
+    _IDLE.close()
+
+
+def call_in_worker(fn: Callable[..., Any], args: Sequence[Any], timeout: float, name: str) -> Any:
+    """``fn(*args)`` in a decoding worker under the time box; its value, or the exception it raised.
+
+    ``fn`` must be importable by name (a module-level function of an importable module), and
+    ``args`` and its value picklable. Past ``timeout`` seconds the worker is killed and
+    :class:`errors.DecodeTimeout` (reason ``decode_timeout``) is raised; a worker that dies
+    raises :class:`errors.CorruptImage` with reason ``decoder_crash``; both name ``name``
+    (a file name) and never an argument's value. The worker is kept for the next call.
+    """
+    if not timeout > 0:
+        raise errors.UsageError(f"decode_timeout must be > 0 seconds or None, got {timeout!r}")
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        raise errors.UsageError(f"a time-boxed call needs a module-level function of an importable module, "
+                                f"got {qualname or fn!r} from {module!r}")
+    settings = DecodeSettings(out_dir="", decoder=f"{__name__}:call_job",
+                              preload=(module,))
+    job = {"index": 0, "path": name, "fn": f"{module}:{qualname}", "args": tuple(args)}
+    pool = _IDLE.take(settings)
+    try:
+        (result,) = pool.run([job], timeout)
+    except BaseException:
+        pool.close()
+        raise
+    _IDLE.give_back(pool)
+    if result["ok"]:
+        return result["value"]
+    if "error" in result:
+        raise result["error"]
+    kind = errors.DecodeTimeout if result["reason"] == "decode_timeout" else errors.CorruptImage
+    raise kind(result["message"], reason_code=result["reason"])
 
 
 if __name__ == "__main__":

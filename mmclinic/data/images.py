@@ -18,14 +18,14 @@ Safety: the pixel budget is checked from the header before anything is decoded
 (rows x columns x frames x samples x bytes), a deflated DICOM dataset is inflated
 under the same bound, non-DICOM bytes are never force-read, and only the transfer
 syntaxes in :data:`ALLOWED_TRANSFER_SYNTAXES` are decoded. A decoder cannot be
-interrupted inside one process; :func:`run_with_timeout` runs a read in a child
-process and stops it after a time box (``decode_timeout=`` of the readers).
+interrupted inside one process; :func:`run_with_timeout` runs a read in a decoding
+worker process (:mod:`mmclinic.data.decode_pool`, the same workers and time box as
+ingest) and stops it after the time box (``decode_timeout=`` of the readers).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import re
 import struct
 import warnings
@@ -122,17 +122,14 @@ def read_image(path: str | Path, frame: int | None = None, *, frame_policy: str 
 
     ``frame`` picks one frame of a multi-frame DICOM; otherwise ``frame_policy``
     (``first``, ``middle`` or ``reject``) decides; for every frame use
-    :func:`read_frames`. ``decode_timeout`` (seconds) reads in a child process
-    stopped after that long (:func:`run_with_timeout`); ``None`` reads in-process.
+    :func:`read_frames`. ``decode_timeout`` (seconds) reads in a decoding worker
+    process stopped after that long (:func:`run_with_timeout`); ``None`` reads in-process.
     Bad input raises a subclass of :class:`mmclinic.errors.InputError` whose
     message names the file and the tag or field.
     """
     _check_policy(frame_policy, single=True)
     path = Path(path)
-    if decode_timeout is not None:
-        return run_with_timeout(_read_image, (path, frame, frame_policy, pixel_budget), decode_timeout,
-                                name=path.name)
-    return _read_image(path, frame, frame_policy, pixel_budget)
+    return run_with_timeout(_read_image, (path, frame, frame_policy, pixel_budget), decode_timeout, name=path.name)
 
 
 def _read_image(path: Path, frame: int | None, frame_policy: str, pixel_budget: int) -> ImageRecord:
@@ -153,9 +150,7 @@ def read_frames(path: str | Path, *, frame_policy: str = "all", pixel_budget: in
     """
     _check_policy(frame_policy)
     path = Path(path)
-    if decode_timeout is not None:
-        return run_with_timeout(_read_frames, (path, frame_policy, pixel_budget), decode_timeout, name=path.name)
-    return _read_frames(path, frame_policy, pixel_budget)
+    return run_with_timeout(_read_frames, (path, frame_policy, pixel_budget), decode_timeout, name=path.name)
 
 
 def _read_frames(path: Path, frame_policy: str, pixel_budget: int) -> list[ImageRecord]:
@@ -168,78 +163,27 @@ def _read_frames(path: Path, frame_policy: str, pixel_budget: int) -> list[Image
 # --------------------------------------------------------------------------- time box
 
 
-def _label(args: Sequence[Any]) -> str:
-    first = args[0] if args else None
-    return Path(first).name if isinstance(first, (str, Path)) else "input"
-
-
-def _child(conn: Any, fn: Callable[..., Any], args: Sequence[Any]) -> None:
-    try:
-        result: tuple[str, Any] = ("ok", fn(*args))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-        result = ("err", exc)
-    try:
-        conn.send(result)
-    except Exception as exc:  # noqa: BLE001 - an unpicklable result or exception
-        conn.send(("err", errors.CorruptImage(
-            f"{_label(args)}: the decoding process could not return its result ({type(exc).__name__})")))
-    finally:
-        conn.close()
-
-
-def _stop(proc: Any) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(2)
-        if proc.is_alive():
-            proc.kill()
-    proc.join()
-
-
 def run_with_timeout(fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float | None = DEFAULT_DECODE_TIMEOUT,
-                     *, name: str | None = None, context: str | None = None) -> Any:
-    """Run ``fn(*args)`` in a child process and return its result, or raise what it raised.
+                     *, name: str | None = None) -> Any:
+    """Run ``fn(*args)`` under a time box and return its result, or raise what it raised.
 
-    A decoder stuck in native code cannot be interrupted from another thread, so the
-    call runs in its own process, which is terminated when it takes longer than
-    ``timeout`` seconds: that raises :class:`mmclinic.errors.DecodeTimeout` naming the
-    file (``name``, else the basename of the first argument). A child that dies (a
-    crash in a codec) raises :class:`mmclinic.errors.CorruptImage`. ``timeout=None``
-    calls ``fn`` in this process. ``context`` is a multiprocessing start method;
-    the default is ``fork`` where available (cheap; ``fn`` and ``args`` need not be
-    picklable). A caller with threads of its own (TensorFlow loaded) should pass
-    ``"spawn"`` or ``"forkserver"``; then ``fn`` must be importable by name.
+    A decoder stuck in native code cannot be interrupted from another thread, so the call
+    runs in a decoding worker process (:func:`mmclinic.data.decode_pool.call_in_worker`),
+    which is killed when it takes longer than ``timeout`` seconds: that raises
+    :class:`mmclinic.errors.DecodeTimeout` naming the file (``name``, else the basename of
+    the first argument). A worker that dies (a crash in a codec) raises
+    :class:`mmclinic.errors.CorruptImage` with reason ``decoder_crash``. ``timeout=None``
+    calls ``fn`` in this process. ``fn`` must be a module-level function of an importable
+    module, and its arguments and result picklable. An idle worker is kept for the next
+    call, so repeated calls do not start a process each.
     """
     if timeout is None:
         return fn(*args)
-    if not timeout > 0:
-        raise errors.UsageError(f"decode_timeout must be > 0 seconds or None, got {timeout!r}")
-    label = name or _label(args)
-    if context is None:
-        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(context)
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, tuple(args)), daemon=True)
-    proc.start()
-    send.close()  # so that recv sees EOF if the child dies
-    try:
-        if not recv.poll(timeout):
-            raise errors.DecodeTimeout(
-                f"{label}: decoding took longer than the time box of {timeout:g} s and was stopped"
-            )
-        try:
-            status, payload = recv.recv()
-        except (EOFError, OSError):
-            proc.join(5)
-            raise errors.CorruptImage(
-                f"{label}: the decoding process ended without a result (exit code {proc.exitcode})"
-            ) from None
-    finally:
-        _stop(proc)
-        recv.close()
-    if status == "ok":
-        return payload
-    raise payload
+    from mmclinic.data.decode_pool import call_in_worker
+
+    first = args[0] if args else None
+    label = name or (Path(first).name if isinstance(first, (str, Path)) else "input")
+    return call_in_worker(fn, args, timeout, label)
 
 
 # --------------------------------------------------------------------------- DICOM
