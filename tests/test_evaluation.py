@@ -16,6 +16,7 @@ from mmclinic.eval import metrics
 from mmclinic.eval import zeroshot
 from mmclinic.config import ConfigError, EvalConfig, config_from_dict
 from mmclinic.errors import UsageError
+from mmclinic.text.labels import parse_labels
 
 # --------------------------------------------------------------------------- metric functions
 
@@ -90,7 +91,7 @@ def test_temperature_scaling_reduces_nll_on_overconfident_scores():
 
 
 def test_zero_shot_tasks_prompts_and_scores():
-    labels = zeroshot.parse_labels(
+    labels = parse_labels(
         ['{"findings": ["pleural_effusion"]}'] * 6 + ['{"findings": []}'] * 6 + [None, "not json",
                                                                                 '{"modality": "CT"}'])
     tasks, skipped = zeroshot.build_tasks(labels, min_positives=5)
@@ -100,6 +101,9 @@ def test_zero_shot_tasks_prompts_and_scores():
     assert t.positive_prompts == ["pleural effusion", "there is pleural effusion",
                                   "findings consistent with pleural effusion"]
     assert t.negative_prompts == ["no pleural effusion", "no evidence of pleural effusion"]
+    # The default prompts are the config's (eval.zeroshot_*_templates), defined once.
+    ev = EvalConfig()
+    assert t.positive_prompts == [x.format(label="pleural effusion") for x in ev.zeroshot_positive_templates]
     assert list(t.y[:12]) == [1] * 6 + [0] * 6 and list(t.y[12:]) == [-1, -1, -1]
 
     pos_dir, neg_dir = np.eye(4)[0], np.eye(4)[1]
@@ -111,7 +115,7 @@ def test_zero_shot_tasks_prompts_and_scores():
     s = zeroshot.task_scores(img, t, embed)
     assert metrics.auroc(t.y[:12], s[:12]) == 1.0
 
-    cat = zeroshot.parse_labels([json.dumps({"modality": m, "plane": "Axial"}) for m in ["CT"] * 5 + ["MR"] * 5])
+    cat = parse_labels([json.dumps({"modality": m, "plane": "Axial"}) for m in ["CT"] * 5 + ["MR"] * 5])
     tasks, skipped = zeroshot.build_tasks(cat, min_positives=5, class_templates=("a {value} image of the {key}",))
     assert [t.name for t in tasks] == ["modality=CT", "modality=MR"] and "plane=*" in skipped
     assert tasks[0].positive_prompts == ["a CT image of the modality"]

@@ -115,9 +115,9 @@ def build_negatives(report_ids: Sequence[str], texts: Sequence[str], patients: S
                 pass
             elif kind in src:
                 if kind == "other_patient_same_findings":
-                    j = _pick(rng, by_findings[findings[i]], lambda j: pat[j] != pat[i] and norm[j] != norm[i])
+                    j = _pick(rng, by_findings[findings[i]], lambda j, i=i: pat[j] != pat[i] and norm[j] != norm[i])
                 else:
-                    j = _pick(rng, by_patient[pat[i]], lambda j: stu[j] != stu[i] and norm[j] != norm[i])
+                    j = _pick(rng, by_patient[pat[i]], lambda j, i=i: stu[j] != stu[i] and norm[j] != norm[i])
                 if j is not None:
                     text, partner = txt[j], ids[j]
             else:

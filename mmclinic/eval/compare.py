@@ -192,7 +192,7 @@ def _plots(runs: list[RunRecord], paired: list[dict[str, Any]]) -> dict[str, byt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmclinic.eval.report_html import _png
+    from mmclinic.eval.report_html import figure_png
 
     out: dict[str, bytes] = {}
     names = [m for m in KEY_METRICS if any(m in r.metrics for r in runs)]
@@ -210,7 +210,7 @@ def _plots(runs: list[RunRecord], paired: list[dict[str, Any]]) -> dict[str, byt
         ax.set_xlim(0, 1.05)
         ax.set_title("Headline metrics (95% patient-bootstrap intervals)")
         ax.legend(fontsize=7)
-        out["metrics"] = _png(fig)
+        out["metrics"] = figure_png(fig)
     done = [p for p in paired if p["difference"] is not None and p["ci95"]]
     if done:
         fig, ax = plt.subplots(figsize=(7, 0.8 + 0.5 * len(done)))
@@ -222,7 +222,7 @@ def _plots(runs: list[RunRecord], paired: list[dict[str, Any]]) -> dict[str, byt
         ax.axvline(0, c="grey", ls=":")
         ax.set_yticks(ys, [f"{p['metric']}: {p['run']} - {p['reference']}" for p in done], fontsize=8)
         ax.set_title("Paired bootstrap differences (95% intervals)")
-        out["paired"] = _png(fig)
+        out["paired"] = figure_png(fig)
     return out
 
 
@@ -305,10 +305,10 @@ def summary_text(result: CompareResult) -> str:
 
 
 def _html(result: CompareResult, plots: dict[str, bytes]) -> str:
-    from mmclinic.eval.report_html import _img_tag, _page, _table
+    from mmclinic.eval.report_html import img_tag, page, table
 
     def df_table(df) -> str:
-        return _table([df.index.name or ""] + [str(c) for c in df.columns],
+        return table([df.index.name or ""] + [str(c) for c in df.columns],
                       [[idx, *row.tolist()] for idx, row in df.iterrows()])
 
     body = ["<h2>Configs (keys that differ)</h2>", df_table(result.configs), "<h2>Metrics</h2>",
@@ -322,9 +322,9 @@ def _html(result: CompareResult, plots: dict[str, bytes]) -> str:
                  f"{p['difference']:+.3f}" if p["difference"] is not None else "",
                  f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p["ci95"] else "",
                  f"{p['p']:.3f}" if p["p"] is not None else "", p["verdict"]] for p in result.paired]
-        body.append(_table(["metric", "reference", "run", "reference value", "run value", "difference", "95% CI",
+        body.append(table(["metric", "reference", "run", "reference value", "run value", "difference", "95% CI",
                             "p", "verdict"], rows))
     if result.paired_note:
         body.append(f"<p>{html.escape(result.paired_note)}</p>")
-    body.append("<div class='figs'>" + "".join(_img_tag(png, name) for name, png in plots.items()) + "</div>")
-    return _page("mmclinic run comparison", "".join(body))
+    body.append("<div class='figs'>" + "".join(img_tag(png, name) for name, png in plots.items()) + "</div>")
+    return page("mmclinic run comparison", "".join(body))

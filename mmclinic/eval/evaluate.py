@@ -19,7 +19,6 @@ from mmclinic.eval import metrics
 from mmclinic.config import EvalConfig, ExperimentConfig, config_from_dict, load_config
 from mmclinic.errors import UsageError
 
-MIN_SLICE = 10
 MIN_EVAL = 3
 
 
@@ -422,10 +421,11 @@ def compute_report(scorer: Scorer, data: SplitData, boot: int = 200, seed: int =
 def _zero_shot(scorer: Scorer, emb: Embedded, patients: np.ndarray, ev: EvalConfig, boot: int,
                seed: int) -> dict[str, Any]:
     from mmclinic.eval import zeroshot
+    from mmclinic.text.labels import parse_labels
 
     if "labels" not in emb.meta.columns:
         return {"not_computed": "the manifest has no 'labels' column"}
-    labels = zeroshot.parse_labels(emb.meta["labels"].tolist())
+    labels = parse_labels(emb.meta["labels"].tolist())
     if not any(labels):
         return {"not_computed": "the manifest's 'labels' column holds no label object for this split"}
     tasks, skipped = zeroshot.build_tasks(labels, ev.zeroshot_min_positives, ev.zeroshot_positive_templates,
@@ -546,14 +546,6 @@ def validation_reference(scorer: Scorer, dataset: str | Path, ev: EvalConfig) ->
     return ValidationReference(metrics.threshold_at_tpr(labels, -logits, ev.target_sensitivity),
                                calibration.fit_temperature(1 - labels, logits),
                                None)
-
-
-def operating_threshold(scorer: Scorer, dataset: str | Path, target_sensitivity: float, seed: int) -> float | None:
-    """Mismatch-score threshold reaching ``target_sensitivity`` on the validation split."""
-    import dataclasses
-
-    ev = dataclasses.replace(EvalConfig(), target_sensitivity=target_sensitivity, seed=seed)
-    return validation_reference(scorer, dataset, ev).threshold
 
 
 def _target_config(target: Path, is_saved_model: bool) -> tuple[ExperimentConfig | None, dict[str, Any]]:

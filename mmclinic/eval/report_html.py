@@ -47,22 +47,24 @@ def snippet(text: str, n: int = SNIPPET_CHARS) -> str:
     return f"[withheld: matches PHI rule {', '.join(hits)}]" if hits else text
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table; cells are escaped unless they are :class:`SafeHtml`."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else html.escape(str(c))}</td>" for c in r)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, SafeHtml) else html.escape(str(c))}</td>" for c in r)
                    + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-class _Raw(str):
+class SafeHtml(str):
     """HTML that is already safe (an <img> tag built here)."""
 
 
-def _img_tag(png: bytes | None, alt: str, width: int | None = None) -> _Raw:
+def img_tag(png: bytes | None, alt: str, width: int | None = None) -> SafeHtml:
+    """An ``<img>`` with the PNG inline (base64), or empty without one."""
     if not png:
-        return _Raw("")
+        return SafeHtml("")
     w = f' width="{width}"' if width else ""
-    return _Raw(f'<img alt="{html.escape(alt)}"{w} src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    return SafeHtml(f'<img alt="{html.escape(alt)}"{w} src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
 _STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;
@@ -70,7 +72,8 @@ margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertica
 th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}.figs img{max-width:48%;margin:4px}</style>"""
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
+    """A self-contained HTML page (the report's style) around ``body``."""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
             f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
 
@@ -78,7 +81,8 @@ def _page(title: str, body: str) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -111,7 +115,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
         ax.set_xlabel(xl); ax.set_ylabel(yl); ax.set_xlim(0, 1); ax.set_ylim(0, 1.02)
         ax.set_title("Mismatch detection: " + ("ROC" if name == "roc" else "precision-recall"))
         ax.legend(fontsize=7, loc="lower right" if name == "roc" else "lower left")
-        out[name] = _png(fig)
+        out[name] = figure_png(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for key, label in (("i2t", "image→text"), ("t2i", "text→image"), ("i2t_dedup", "image→text (dedup)"),
@@ -124,7 +128,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
     ax.plot(ks, np.minimum(ks / max(pool, 1), 1), ls=":", c="grey", label="chance (image→text)")
     ax.set_xlabel("K"); ax.set_ylabel("recall@K"); ax.set_ylim(0, 1.02); ax.set_title("Retrieval recall@K")
     ax.legend(fontsize=7, loc="lower right")
-    out["recall_at_k"] = _png(fig)
+    out["recall_at_k"] = figure_png(fig)
 
     cal = report["calibration"]
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -141,7 +145,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
     ax.set_xlabel("mean match score in bin"); ax.set_ylabel("fraction of true pairs")
     ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_title(cal["binning"].split(";")[0])
     ax.legend(fontsize=7, loc="upper left")
-    out["reliability"] = _png(fig)
+    out["reliability"] = figure_png(fig)
     return out
 
 
@@ -204,14 +208,14 @@ def _failure_html(df, thumbs: dict[str, bytes | None], title: str) -> str:
         sub = df[df["case"] == case]
         rows = []
         for r in sub.itertuples():
-            rows.append([_img_tag(thumbs.get(r.image_id), r.image_id, 96), r.image_id, r.report_id,
+            rows.append([img_tag(thumbs.get(r.image_id), r.image_id, 96), r.image_id, r.report_id,
                          "" if pd.isna(r.rank) else int(r.rank),
                          f"{r.score:.3f}", r.corruption or "", r.report_snippet,
                          r.retrieved_snippet or ""])
         parts.append(f"<h2>{html.escape(header)}</h2>")
-        parts.append(_table(["image", "image_id", "report_id", "rank", "score", "corruption", "report",
+        parts.append(table(["image", "image_id", "report_id", "rank", "score", "corruption", "report",
                              "top-1 retrieved report"], rows) if rows else "<p>none</p>")
-    return _page(title, "".join(parts))
+    return page(title, "".join(parts))
 
 
 # --------------------------------------------------------------------------- the report page
@@ -229,7 +233,7 @@ def _retrieval_rows(block: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def report_page(report: dict[str, Any], plots: dict[str, bytes], failure_link: str | None) -> str:
+def reportpage(report: dict[str, Any], plots: dict[str, bytes], failure_link: str | None) -> str:
     ev = report.get("evaluated", {})
     parts = [f"<p>Target <b>{html.escape(str(ev.get('target', '')))}</b> ({html.escape(str(ev.get('kind', '')))}), "
              f"split <b>{html.escape(str(ev.get('split', '')))}</b>, dataset version "
@@ -241,14 +245,14 @@ def report_page(report: dict[str, Any], plots: dict[str, bytes], failure_link: s
         parts.append(f"<p>Failure cases: <a href='{html.escape(failure_link)}'>{html.escape(failure_link)}</a></p>")
     ret = report["retrieval"]
     header = ["direction", "pool", "queries", "R@1", "R@5", "R@10", "median rank", "mean rank", "chance"]
-    parts.append("<h2>Retrieval</h2><h3>Every instance</h3>" + _table(header, _retrieval_rows(ret)))
+    parts.append("<h2>Retrieval</h2><h3>Every instance</h3>" + table(header, _retrieval_rows(ret)))
     if "dedup" in ret:
         parts.append("<h3>De-duplicated report pool</h3><p>" + html.escape(ret["dedup"]["protocol"]) + "</p>"
-                     + _table(header, _retrieval_rows(ret["dedup"])))
+                     + table(header, _retrieval_rows(ret["dedup"])))
     if "report_equivalent" in ret:
         eq = ret["report_equivalent"]
         parts.append(f"<h3>Report-equivalent recall</h3><p>{html.escape(eq['criterion'])} (findings from "
-                     f"{html.escape(eq['findings_source'])}).</p>" + _table(header, _retrieval_rows(eq)))
+                     f"{html.escape(eq['findings_source'])}).</p>" + table(header, _retrieval_rows(eq)))
     mm = report["mismatch"]
     rows = [["all", mm["pairs"], mm["mismatched"], fmt(mm["auroc"]), fmt(mm["auprc"]), fmt(mm["fpr_at_95tpr"]), ""]]
     for kind, b in mm.get("by_corruption", {}).items():
@@ -257,7 +261,7 @@ def report_page(report: dict[str, Any], plots: dict[str, bytes], failure_link: s
                          b.get("skipped", "")])
         else:
             rows.append([kind, 0, 0, b.get("not_computed", ""), "", "", b.get("skipped", "")])
-    parts.append("<h2>Mismatch detection</h2>" + _table(
+    parts.append("<h2>Mismatch detection</h2>" + table(
         ["corruption", "pairs", "mismatched", "AUROC", "AUPRC", "FPR@95%TPR", "skipped (not applicable)"], rows))
     op = mm.get("operating_point")
     if op:
@@ -266,7 +270,7 @@ def report_page(report: dict[str, Any], plots: dict[str, bytes], failure_link: s
     cal = report["calibration"]
     ts = cal.get("temperature_scaling", {})
     parts.append("<h2>Calibration of the match score</h2><p>" + html.escape(cal["score"]) + ". "
-                 + html.escape(cal["binning"]) + ".</p>" + _table(
+                 + html.escape(cal["binning"]) + ".</p>" + table(
                      ["", "ECE", "Brier", "NLL"],
                      [["raw", fmt(cal["ece"]), fmt(cal["brier"]), fmt(cal["nll"])]]
                      + ([[f"temperature {ts['temperature']:.3f} (fitted on {ts['fitted_on']})", fmt(ts["ece"]),
@@ -279,7 +283,7 @@ def report_page(report: dict[str, Any], plots: dict[str, bytes], failure_link: s
                  " | ".join(t["prompts"]["positive"])] for name, t in zs["tasks"].items()]
         rows.append(["macro mean", "", "", "", fmt(zs["macro_auroc"]), ""])
         rows += [[name, "skipped", "", "", reason, ""] for name, reason in zs.get("skipped", {}).items()]
-        parts.append(_table(["label", "kind", "positives", "negatives", "AUROC", "positive prompts"], rows))
+        parts.append(table(["label", "kind", "positives", "negatives", "AUROC", "positive prompts"], rows))
     else:
         parts.append(f"<p>Not computed: {html.escape(str(zs.get('not_computed', '')))}</p>")
     rows = []
@@ -289,11 +293,11 @@ def report_page(report: dict[str, Any], plots: dict[str, bytes], failure_link: s
         else:
             rows.append([key, s["images"], s.get("patients", ""), fmt(s.get("image_to_text_R@1")),
                          fmt(s["image_to_text_R@5"]), fmt(s["mismatch_auroc"]), fmt(s.get("ece"))])
-    parts.append("<h2>Slices</h2>" + _table(["slice", "images", "patients", "image→text R@1", "image→text R@5",
+    parts.append("<h2>Slices</h2>" + table(["slice", "images", "patients", "image→text R@1", "image→text R@5",
                                              "mismatch AUROC", "ECE"], rows))
-    parts.append("<h2>Plots</h2><div class='figs'>" + "".join(_img_tag(png, name) for name, png in plots.items())
+    parts.append("<h2>Plots</h2><div class='figs'>" + "".join(img_tag(png, name) for name, png in plots.items())
                  + "</div>")
-    return _page("mmclinic evaluation report", "".join(parts))
+    return page("mmclinic evaluation report", "".join(parts))
 
 
 def write_artifacts(report: dict[str, Any], details: dict[str, Any], split_data, paths: dict[str, Path],
@@ -316,6 +320,6 @@ def write_artifacts(report: dict[str, Any], details: dict[str, Any], split_data,
     df["thumbnail"] = [f"{paths['thumbnails'].name}/{iid}.png" if thumbs.get(iid) else None for iid in df["image_id"]]
     df.to_parquet(paths["failure_parquet"], index=False)
     paths["failure_html"].write_text(_failure_html(df, thumbs, "mmclinic failure cases"), encoding="utf-8")
-    paths["html"].write_text(report_page(report, plots, paths["failure_html"].name), encoding="utf-8")
+    paths["html"].write_text(reportpage(report, plots, paths["failure_html"].name), encoding="utf-8")
     written += [paths["failure_parquet"], paths["failure_html"], paths["html"]]
     return written

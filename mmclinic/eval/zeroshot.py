@@ -18,18 +18,16 @@ negatives are listed as skipped with the reason.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mmclinic.text.labels import parse_labels
+from mmclinic.config import EvalConfig
 
-POSITIVE_TEMPLATES = ("{label}", "there is {label}", "findings consistent with {label}")
-NEGATIVE_TEMPLATES = ("no {label}", "no evidence of {label}")
-CLASS_TEMPLATES = ("{value}", "a {value} image", "{value} {key}")
+# The prompt templates are defined once, as the defaults of the ``eval.zeroshot_*_templates`` keys.
+_DEFAULTS = EvalConfig()
 
 
 def readable(name: str) -> str:
@@ -52,10 +50,12 @@ class Task:
 
 
 def build_tasks(labels: Sequence[dict[str, Any] | None], min_positives: int,
-                positive_templates: Sequence[str] = POSITIVE_TEMPLATES,
-                negative_templates: Sequence[str] = NEGATIVE_TEMPLATES,
-                class_templates: Sequence[str] = CLASS_TEMPLATES) -> tuple[list[Task], dict[str, str]]:
-    """Tasks with enough positives and negatives, and the skipped ones with their reason."""
+                positive_templates: Sequence[str] = _DEFAULTS.zeroshot_positive_templates,
+                negative_templates: Sequence[str] = _DEFAULTS.zeroshot_negative_templates,
+                class_templates: Sequence[str] = _DEFAULTS.zeroshot_class_templates) -> tuple[list[Task], dict[str, str]]:
+    """Tasks with enough positives and negatives, and the skipped ones with their reason
+    (``labels``: one parsed label object per image, see :func:`mmclinic.text.labels.parse_labels`;
+    templates default to :class:`~mmclinic.config.EvalConfig`'s)."""
     n = len(labels)
     list_keys: dict[str, set[str]] = {}
     str_keys: dict[str, set[str]] = {}
