@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from mmclinic.artifacts import DatasetDir, RunDir
 from mmclinic.config import load_config
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -69,15 +70,16 @@ def run_demo(workdir: str | Path = "demo_run", patients: int = 80, experiment: s
     stage(f"score: test pairs with the exported model -> {db}")
     scored = score(exported.path, data=dataset, db=db, split="test")
     stage(f"       {scored.pairs} pairs scored, {scored.flagged} flagged for review")
+    data_card = DatasetDir(dataset).data_card_path
     out = {
-        "dataset": str(dataset), "data_card": str(dataset / "data_card.md"), "run": str(run),
+        "dataset": str(dataset), "data_card": str(data_card), "run": str(run),
         "report": str(report_path), "model": str(exported.path), "scores_db": db,
-        "mlflow": os.environ["MLFLOW_TRACKING_URI"], "tensorboard": str(run / "tensorboard"),
+        "mlflow": os.environ["MLFLOW_TRACKING_URI"], "tensorboard": str(RunDir(run).tensorboard_dir),
     }
     (workdir / "demo_outputs.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"""
 Done in {time.time() - t0:.0f}s. Outputs:
-  dataset + data card   {dataset}  ({dataset / 'data_card.md'})
+  dataset + data card   {dataset}  ({data_card})
   training run          {run}
   evaluation report     {report_path}
   exported SavedModel   {exported.path}

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mmclinic.artifacts import RunDir
 from mmclinic.phi.guard import DEFAULT_GUARD as GUARD
 
 EXPERIMENT_NAME = "mmclinic"
@@ -44,7 +45,8 @@ def git_commit() -> str:
 
 
 class MlflowRun:
-    """One MLflow run per training run; resumed by the id stored in the workdir."""
+    """One MLflow run per training run; resumed by the id stored in the workdir
+    (:meth:`mmclinic.artifacts.RunDir.mlflow_run_id`)."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -54,10 +56,10 @@ class MlflowRun:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri())
-        id_file = workdir / "mlflow_run_id"
+        run_dir = RunDir(workdir)
         client = mlflow.MlflowClient()
-        if id_file.is_file():
-            run_id = id_file.read_text().strip()
+        run_id = run_dir.mlflow_run_id()
+        if run_id is not None:
             try:
                 client.get_run(run_id)
                 return cls(run_id)
@@ -67,7 +69,7 @@ class MlflowRun:
         exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT_NAME)
         GUARD.check_mapping(tags, "mlflow tags")
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
-        id_file.write_text(run.info.run_id + "\n")
+        run_dir.set_mlflow_run_id(run.info.run_id)
         return cls(run.info.run_id)
 
     @property

@@ -19,12 +19,12 @@ def test_training_learns_better_than_untrained(trained_run, dataset):
     """Held-out (val + test splits) retrieval and mismatch detection beat the same model at initialisation."""
     import keras
 
-    from mmclinic.eval.evaluate import RunScorer, compute_report, load_run_model, load_split
-    from mmclinic.models.dual_encoder import from_model_config
-
     import pandas as pd
 
-    from mmclinic.eval.evaluate import SplitData
+    from mmclinic.eval.embedding import SplitData, load_split
+    from mmclinic.eval.evaluate import compute_report
+    from mmclinic.eval.scorers import RunScorer, load_run_model
+    from mmclinic.models.dual_encoder import from_model_config
 
     model, tok, cfg = load_run_model(trained_run)
     val, tst = load_split(dataset, "val"), load_split(dataset, "test")
@@ -124,7 +124,9 @@ print("OK", s.tolist())
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
 
-    via_export = evaluate(result.path, dataset, "test", tmp_path / "REPORT_export.json")
+    # MODEL_BASE/NAME (its latest version), as score and serve accept it.
+    via_export = evaluate(result.path.parent, dataset, "test", tmp_path / "REPORT_export.json")
+    assert via_export["evaluated"]["kind"] == "saved_model" and via_export["evaluated"]["target"] == "1"
     a = report["retrieval"]["image_to_text"]["R@5"]["value"]
     assert via_export["retrieval"]["image_to_text"]["R@5"]["value"] == pytest.approx(a, abs=1e-6)
 

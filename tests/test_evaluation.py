@@ -178,7 +178,7 @@ REPORTS = [
 
 
 def _split(n_images: int, labels: bool = True, duplicate: bool = False):
-    from mmclinic.eval.evaluate import SplitData
+    from mmclinic.eval.embedding import SplitData
 
     rows, png, texts = [], [], []
     for i in range(n_images):

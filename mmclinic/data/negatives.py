@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mmclinic.artifacts import DatasetDir
+
 TABLE_KINDS = ("other_patient_same_findings", "same_patient_other_study", "negation", "finding_swap")
 
 
@@ -68,7 +70,8 @@ def _pick(rng: np.random.Generator, group: Sequence[int], ok: Callable[[int], bo
 
 
 def _report_findings(labels: Sequence[Any], texts: Sequence[str]) -> tuple[list[frozenset[str]], str]:
-    """As :func:`mmclinic.eval.evaluate.report_findings`: list-valued label keys, else the text rules."""
+    """As :func:`mmclinic.eval.embedding.report_findings` (one row per report here): list-valued label
+    keys, else the text rules."""
     from mmclinic.text.corruptions import positive_findings
     from mmclinic.text.labels import parse_labels
 
@@ -132,14 +135,12 @@ def build_negatives(report_ids: Sequence[str], texts: Sequence[str], patients: S
                           findings_source=source)
 
 
-def split_negatives(dataset: str | Path, split: str, seed: int, kinds: Sequence[str] = TABLE_KINDS) -> NegativeTables:
+def split_negatives(dataset: str | Path | DatasetDir, split: str, seed: int, kinds: Sequence[str] = TABLE_KINDS) -> NegativeTables:
     """:func:`build_negatives` over the reports of one split of a dataset folder (manifest and
     reports tables): partners come from that split only."""
-    import pandas as pd
-
-    dataset = Path(dataset)
-    manifest = pd.read_parquet(dataset / "manifest.parquet")
-    reports = pd.read_parquet(dataset / "reports.parquet", columns=["report_id", "text"])
+    ds = dataset if isinstance(dataset, DatasetDir) else DatasetDir.open(dataset)
+    manifest = ds.manifest()
+    reports = ds.reports(columns=["report_id", "text"])
     rows = manifest[manifest["split"] == split].sort_values("image_id")
     cols = ["report_id", "patient_key"] + [c for c in ("study_key", "labels") if c in rows.columns]
     # One row per report: its first image's patient, study and labels.

@@ -14,7 +14,6 @@ image-to-text R@5 and in mismatch AUROC with a 95% interval and a two-sided boot
 from __future__ import annotations
 
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mmclinic.artifacts import DatasetDir, RunDir
 from mmclinic.errors import UsageError
 
 KEY_METRICS = ("image_to_text.R@1", "image_to_text.R@5", "image_to_text.R@10", "text_to_image.R@5",
@@ -50,33 +50,16 @@ class CompareResult:
     files: list[Path] = field(default_factory=list)
 
 
-def _latest_report(run: Path) -> tuple[dict[str, Any] | None, str | None]:
-    pointer = run / "eval" / "latest.json"
-    candidates = []
-    if pointer.is_file():
-        try:
-            candidates.append(run / "eval" / json.loads(pointer.read_text())["report"])
-        except (ValueError, KeyError):
-            pass
-    candidates += sorted((run / "eval").glob("*/REPORT.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        if path.is_file():
-            return json.loads(path.read_text()), None
-    return None, "not evaluated yet (no RUN/eval/latest.json; run `mmclinic evaluate RUN --data D --out F`)"
-
-
 def resolve_run(argument: str) -> RunRecord:
     """A run folder or an MLflow run id; UsageError naming the argument otherwise."""
-    from mmclinic.config import load_config
     from mmclinic.eval.evaluate import headline_figures
     from mmclinic.tracking import flatten
 
     path = Path(argument)
     if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise UsageError(f"RUN_OR_MLFLOW_RUN_ID {argument}: a folder without config.yaml, not a training run")
-        config = {k: str(v) for k, v in flatten(load_config(path / "config.yaml").to_dict()).items()}
-        report, note = _latest_report(path)
+        run = RunDir.open(path, "RUN_OR_MLFLOW_RUN_ID")
+        config = {k: str(v) for k, v in flatten(run.config().to_dict()).items()}
+        report, note = run.latest_evaluation()
         metrics = headline_figures(report) if report else {}
         if report:
             ev = report.get("evaluated", {})
@@ -128,19 +111,18 @@ def _tables(runs: list[RunRecord]):
     return configs, metrics
 
 
-def _paired(runs: list[RunRecord], data: Path, split: str, boot: int, seed: int | None) -> tuple[list[dict], str | None]:
+def _paired(runs: list[RunRecord], data: DatasetDir, split: str, boot: int,
+            seed: int | None) -> tuple[list[dict], str | None]:
     """Paired bootstrap of every checkpointed workdir run against the first one."""
-    import tensorflow as tf
-
     from mmclinic.eval import metrics
-    from mmclinic.config import load_config
-    from mmclinic.eval.evaluate import RunScorer, embed, load_split, mismatch_set, pair_logits
+    from mmclinic.eval.embedding import embed, load_split, mismatch_set, pair_logits
+    from mmclinic.eval.scorers import RunScorer
 
     usable, skipped = [], []
     for r in runs:
         if r.workdir is None:
             skipped.append(f"{r.label}: an MLflow run (no model to score)")
-        elif tf.train.latest_checkpoint(str(r.workdir / "checkpoints")) is None:
+        elif RunDir(r.workdir).latest_checkpoint() is None:
             skipped.append(f"{r.label}: the run has no checkpoint")
         else:
             usable.append(r)
@@ -148,8 +130,8 @@ def _paired(runs: list[RunRecord], data: Path, split: str, boot: int, seed: int 
         return [], "paired bootstrap needs two workdir runs with checkpoints; " + "; ".join(skipped or ["got fewer"])
     split_data = load_split(data, split)
     if len(split_data.png) < 3:
-        return [], f"--data {data}: the {split} split has {len(split_data.png)} images; needs at least 3"
-    seed = load_config(usable[0].workdir / "config.yaml").eval.seed if seed is None else seed
+        return [], f"--data {data.path}: the {split} split has {len(split_data.png)} images; needs at least 3"
+    seed = RunDir(usable[0].workdir).config().eval.seed if seed is None else seed
     per_run = []
     for r in usable:
         scorer = RunScorer(r.workdir)
@@ -241,8 +223,7 @@ def compare(runs: list[str], out: str | Path | None = None, data: str | Path | N
         raise UsageError(f"--split must be train, val or test, got {split!r}")
     if boot <= 0:
         raise UsageError(f"--boot must be > 0, got {boot}")
-    if data is not None and not (Path(data) / "manifest.parquet").is_file():
-        raise UsageError(f"--data {data}: not a dataset folder (no manifest.parquet)")
+    dataset = DatasetDir.open(data) if data is not None else None
     records = [resolve_run(a) for a in runs]
     seen: dict[str, int] = {}
     for r in records:  # labels must be unique table columns
@@ -251,8 +232,8 @@ def compare(runs: list[str], out: str | Path | None = None, data: str | Path | N
             r.label = f"{r.label} ({seen[r.label]})"
     configs, metrics_table = _tables(records)
     result = CompareResult(records, configs, metrics_table)
-    if data is not None:
-        result.paired, result.paired_note = _paired(records, Path(data), split, boot, seed)
+    if dataset is not None:
+        result.paired, result.paired_note = _paired(records, dataset, split, boot, seed)
     else:
         result.paired_note = "no --data given: paired bootstrap not computed"
     if out is not None:

@@ -3,7 +3,8 @@ calibration, with patient-clustered bootstrap intervals, slices and failure case
 
 Works on a training run folder (rebuilds the model from its config, vocabulary
 and latest checkpoint) or on an exported SavedModel (through its signatures), so
-a model is scored the same way before and after export.
+a model is scored the same way before and after export; the inference engines are in
+:mod:`mmclinic.eval.scorers`, the split and its embeddings in :mod:`mmclinic.eval.embedding`.
 """
 
 from __future__ import annotations
@@ -11,203 +12,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from mmclinic.eval import metrics
-from mmclinic.config import EvalConfig, ExperimentConfig, config_from_dict, load_config
+from mmclinic.artifacts import DatasetDir, ExportedModel, RunDir
+from mmclinic.config import EvalConfig
 from mmclinic.errors import UsageError
+from mmclinic.eval import metrics
+from mmclinic.eval.embedding import Embedded, SplitData, embed, load_split, mismatch_set, pair_logits, report_findings
+from mmclinic.eval.scorers import RunScorer, SavedModelScorer, Scorer
+# Kept importable from here for one release (tests/test_training.py imports it from this module);
+# its home is mmclinic.eval.scorers.
+from mmclinic.eval.scorers import load_run_model  # noqa: F401
 
 MIN_EVAL = 3
-
-
-class Scorer(Protocol):
-    def embed_images(self, png: list[bytes]) -> np.ndarray: ...
-    def embed_texts(self, texts: list[str]) -> np.ndarray: ...
-    def match_logits(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray: ...
-
-
-class RunScorer:
-    """Scores with the Keras model of a training run."""
-
-    def __init__(self, run: str | Path, model: Any = None, tokenizer: Any = None,
-                 config: ExperimentConfig | None = None) -> None:
-        self.run = Path(run)
-        if model is None:
-            model, tokenizer, config = load_run_model(self.run)
-        self.model, self.tokenizer, self.config = model, tokenizer, config
-        import tensorflow as tf
-
-        from mmclinic.data.preprocess import decode_image
-
-        size = config.data.image_size
-        spec = [tf.TensorSpec([None], tf.string)]
-        self._img = tf.function(lambda b: self.model.encode_image(
-            tf.map_fn(lambda x: decode_image(x, size), b, fn_output_signature=tf.float32), training=False),
-            input_signature=spec)
-        self._txt = tf.function(lambda t: self.model.encode_text(*self.tokenizer(t), training=False),
-                                input_signature=spec)
-
-    def embed_images(self, png: list[bytes]) -> np.ndarray:
-        return _batched(lambda b: self._img(tf_strings(b)).numpy(), png)
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return _batched(lambda b: self._txt(tf_strings(b)).numpy(), texts)
-
-    def match_logits(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.match_logits(image_emb, text_emb))
-
-
-class SavedModelScorer:
-    """Scores with an exported SavedModel through its signatures."""
-
-    def __init__(self, model_dir: str | Path) -> None:
-        import tensorflow as tf
-        import tensorflow_text  # noqa: F401  (registers the tokenizer's ops)
-
-        self.loaded = tf.saved_model.load(str(model_dir))
-        self.sig = self.loaded.signatures
-        self._tf = tf
-
-    def embed_images(self, png: list[bytes]) -> np.ndarray:
-        f = self.sig["embed_image"]
-        return _batched(lambda b: f(image_bytes=self._tf.constant(b))["image_emb"].numpy(), png)
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        f = self.sig["embed_text"]
-        return _batched(lambda b: f(report_text=self._tf.constant(b))["text_emb"].numpy(), texts)
-
-    def match_logits(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-        f = self.sig["match_embeddings"]
-        return f(image_emb=self._tf.constant(image_emb, self._tf.float32),
-                 text_emb=self._tf.constant(text_emb, self._tf.float32))["match_logit"].numpy()
-
-
-def tf_strings(items: list) -> Any:
-    import tensorflow as tf
-
-    return tf.constant(list(items), dtype=tf.string)
-
-
-def _batched(fn, items: list, size: int = 64) -> np.ndarray:
-    outs = [fn(items[i:i + size]) for i in range(0, len(items), size)]
-    return np.concatenate(outs, 0) if outs else np.zeros((0, 0), np.float32)
-
-
-def load_run_model(run: str | Path):
-    """(model, tokenizer, config) of a training run, weights from its latest checkpoint."""
-    import tensorflow as tf
-
-    from mmclinic.models.dual_encoder import from_model_config
-    from mmclinic.text.tokenizer import ReportTokenizer, load_vocabulary
-
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise UsageError(f"{run}: not a training run (no config.yaml)")
-    config = load_config(run / "config.yaml")
-    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
-    if latest is None:
-        raise UsageError(f"{run}: the run has no checkpoint yet (train it first)")
-    vocab = load_vocabulary(run / "vocab.txt")
-    model = from_model_config(config.model, config.data.image_size, config.data.max_length, len(vocab))
-    model.build_all()
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model, ReportTokenizer(vocab, config.data.max_length), config
-
-
-@dataclass
-class SplitData:
-    png: list[bytes]
-    texts: list[str]
-    meta: Any  # pandas DataFrame, one row per image
-
-
-def load_split(dataset: str | Path, split: str) -> SplitData:
-    """All images of a split with their report text, from the dataset folder."""
-    import pandas as pd
-
-    dataset = Path(dataset)
-    if not (dataset / "manifest.parquet").is_file():
-        raise UsageError(f"--data {dataset}: not a dataset folder (no manifest.parquet)")
-    manifest = pd.read_parquet(dataset / "manifest.parquet")
-    reports = pd.read_parquet(dataset / "reports.parquet")
-    rows = manifest[manifest["split"] == split].sort_values("image_id").reset_index(drop=True)
-    rows = rows.merge(reports[["report_id", "text"]], on="report_id", how="left")
-    png = [(dataset / p).read_bytes() for p in rows["path"]]
-    return SplitData(png=png, texts=rows["text"].fillna("").tolist(), meta=rows)
-
-
-@dataclass
-class Embedded:
-    image_emb: np.ndarray
-    report_emb: np.ndarray  # one per unique report
-    report_ids: list[str]
-    image_report: np.ndarray  # index into report_emb per image
-    meta: Any
-    texts: list[str]
-
-
-def embed(scorer: Scorer, data: SplitData) -> Embedded:
-    report_ids = sorted(set(data.meta["report_id"]))
-    index = {r: i for i, r in enumerate(report_ids)}
-    text_of = dict(zip(data.meta["report_id"], data.texts))
-    texts = [text_of[r] for r in report_ids]
-    return Embedded(
-        image_emb=scorer.embed_images(data.png), report_emb=scorer.embed_texts(texts), report_ids=report_ids,
-        image_report=np.array([index[r] for r in data.meta["report_id"]]), meta=data.meta, texts=texts)
-
-
-def report_findings(emb: Embedded) -> tuple[list[frozenset[str]], str]:
-    """The findings each report states, and where they came from.
-
-    From the manifest's ``labels`` column where it holds list-valued keys (``findings``,
-    ``problems``: their union, lower case), otherwise from the report text by the rules of
-    :func:`mmclinic.text.corruptions.positive_findings`.
-    """
-    from mmclinic.text.corruptions import positive_findings
-    from mmclinic.text.labels import parse_labels
-
-    out: list[frozenset[str] | None] = [None] * len(emb.report_ids)
-    if "labels" in emb.meta.columns:
-        for obj, r in zip(parse_labels(emb.meta["labels"].tolist()), emb.image_report):
-            lists = {k: v for k, v in (obj or {}).items() if isinstance(v, list)}
-            if lists and out[r] is None:
-                out[r] = frozenset(f"{k}:{str(x).lower()}" for k, v in lists.items() for x in v)
-    from_labels = sum(x is not None for x in out)
-    final = [x if x is not None else positive_findings(t) for x, t in zip(out, emb.texts)]
-    if from_labels == len(out):
-        source = "manifest labels"
-    elif from_labels == 0:
-        source = "report text rules"
-    else:
-        source = f"manifest labels ({from_labels} reports), report text rules ({len(out) - from_labels} reports)"
-    return final, source
-
-
-def mismatch_set(emb: Embedded, seed: int, findings: list[frozenset[str]] | None = None,
-                 kinds: tuple[str, ...] | None = None):
-    """A fixed, seeded :class:`~mmclinic.text.corruptions.CorruptionSet` of the split (see that module)."""
-    from mmclinic.text.corruptions import KINDS, build_corruption_set
-
-    if findings is None:
-        findings, _ = report_findings(emb)
-    studies = emb.meta["study_key"].to_numpy() if "study_key" in emb.meta.columns else emb.meta["report_id"].to_numpy()
-    report_study = [None] * len(emb.report_ids)
-    for r, st in zip(emb.image_report, studies):
-        report_study[r] = st if report_study[r] is None else report_study[r]
-    return build_corruption_set(emb.texts, emb.image_report, emb.meta["patient_key"].to_numpy(), report_study,
-                                findings, seed, kinds or KINDS)
-
-
-def pair_logits(scorer: Scorer, emb: Embedded, cset) -> np.ndarray:
-    """Match logit of every pair of a corruption set (higher: more likely the report belongs)."""
-    known = {t: i for i, t in enumerate(emb.texts)}
-    new = sorted({t for t in cset.text if t not in known})
-    new_emb = scorer.embed_texts(new) if new else np.zeros((0, emb.report_emb.shape[1]), np.float32)
-    new_index = {t: i for i, t in enumerate(new)}
-    txt = np.stack([emb.report_emb[known[t]] if t in known else new_emb[new_index[t]] for t in cset.text])
-    return np.asarray(scorer.match_logits(emb.image_emb[cset.image], txt), dtype=np.float64).reshape(-1)
 
 
 def _figure(stat, n: int, clusters, n_boot: int, seed: int, reason: str | None = None) -> dict[str, Any]:
@@ -529,7 +348,7 @@ class ValidationReference:
     note: str | None = None
 
 
-def validation_reference(scorer: Scorer, dataset: str | Path, ev: EvalConfig) -> ValidationReference:
+def validation_reference(scorer: Scorer, dataset: str | Path | DatasetDir, ev: EvalConfig) -> ValidationReference:
     """Mismatch threshold for ``ev.target_sensitivity`` and match-logit temperature, from the validation split."""
     from mmclinic.eval import calibration
 
@@ -546,19 +365,6 @@ def validation_reference(scorer: Scorer, dataset: str | Path, ev: EvalConfig) ->
     return ValidationReference(metrics.threshold_at_tpr(labels, -logits, ev.target_sensitivity),
                                calibration.fit_temperature(1 - labels, logits),
                                None)
-
-
-def _target_config(target: Path, is_saved_model: bool) -> tuple[ExperimentConfig | None, dict[str, Any]]:
-    """The config a run or exported model was trained with, and an export's metadata."""
-    if is_saved_model:
-        meta_path = target / "assets.extra" / "mmclinic.json"
-        if not meta_path.is_file():
-            return None, {}
-        meta = json.loads(meta_path.read_text())
-        return config_from_dict(meta.get("config", {})), meta
-    if (target / "config.yaml").is_file():
-        return load_config(target / "config.yaml"), {}
-    return None, {}
 
 
 def artifact_paths(out: str | Path) -> dict[str, Path]:
@@ -586,34 +392,32 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
     was vetted) or, for a run, chosen on the validation split of ``data``. The match-logit
     temperature is fitted on the validation split of ``data``.
     """
-    target, data = Path(target), Path(data)
+    target = Path(target)
     if not target.exists():
         raise UsageError(f"RUN|MODEL_DIR not found: {target}")
-    if not data.is_dir():
-        raise UsageError(f"--data not found: {data}")
+    dataset = DatasetDir.open(data)
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test, got {split!r}")
-    is_saved_model = (target / "saved_model.pb").is_file()
-    if not is_saved_model and not (target / "config.yaml").is_file():
-        raise UsageError(f"RUN|MODEL_DIR {target}: neither a training run (config.yaml) nor a SavedModel")
-    config, export_meta = _target_config(target, is_saved_model)
-    ev = config.eval if config else EvalConfig()
-    split_data = load_split(data, split)
+    run, model = open_target(target)
+    config = run.config() if run is not None else model.config()
+    ev = config.eval
+    split_data = dataset.load_split(split)
     if not split_data.png:
-        raise UsageError(f"--split {split}: the split of {data} is empty; nothing to evaluate")
+        raise UsageError(f"--split {split}: the split of {dataset.path} is empty; nothing to evaluate")
     if scorer is None:
-        scorer = SavedModelScorer(target) if is_saved_model else RunScorer(target)
+        scorer = RunScorer(run.path) if run is not None else SavedModelScorer(model)
     if split == "val":
         ref = ValidationReference(None, None, "the evaluated split is the validation split, on which the "
                                               "temperature and threshold are chosen")
     else:
-        ref = validation_reference(scorer, data, ev)
-    threshold = float(export_meta["mismatch_threshold"]) if "mismatch_threshold" in export_meta else ref.threshold
+        ref = validation_reference(scorer, dataset, ev)
+    threshold = model.mismatch_threshold if model is not None else ref.threshold
     details: dict[str, Any] = {}
     report = compute_report(scorer, split_data, ev.bootstrap_samples, ev.seed, threshold, config=ev,
                             temperature=ref.temperature, temperature_note=ref.note, details=details)
-    report["evaluated"] = {"target": target.name, "kind": "saved_model" if is_saved_model else "run",
-                           "split": split, "dataset_version": _dataset_version(data)}
+    report["evaluated"] = {"target": (run.path if run is not None else model.path).name,
+                           "kind": "run" if run is not None else "saved_model",
+                           "split": split, "dataset_version": dataset.version}
     written: list[Path] = []
     if out is not None:
         from mmclinic.eval import report_html
@@ -629,33 +433,23 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
             "figures": sorted(rel(p) for p in written if p.parent == paths["figures"]),
             "thumbnails": sum(p.parent == paths["thumbnails"] for p in written)}
         out.write_text(json.dumps(report, indent=2) + "\n")
-        if not is_saved_model:
-            _record_in_run(target, out, split, data)
-    if not is_saved_model and (target / "mlflow_run_id").is_file():
-        _log_to_mlflow(target, report, split, out, written)
+        if run is not None:
+            run.record_evaluation(out, split, dataset.path)
+    if run is not None and run.mlflow_run_id() is not None:
+        _log_to_mlflow(run, report, split, out, written)
     return report
 
 
-def _record_in_run(run: Path, out: Path, split: str, data: Path) -> None:
-    """Keep the run's latest report where ``mmclinic compare`` finds it."""
-    import shutil
-    import time
-
-    dest = run / "eval" / split
-    dest.mkdir(parents=True, exist_ok=True)
-    if out.resolve() != (dest / "REPORT.json").resolve():
-        shutil.copyfile(out, dest / "REPORT.json")
-    (run / "eval" / "latest.json").write_text(json.dumps({
-        "split": split, "report": f"{split}/REPORT.json", "written_to": str(out.resolve()),
-        "data": str(data.resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=2) + "\n")
-
-
-def _dataset_version(data: Path) -> str:
+def open_target(target: str | Path) -> tuple[RunDir | None, ExportedModel | None]:
+    """(the run, None) or (None, the exported model) that ``RUN|MODEL_DIR`` names: a training run
+    folder, or ``MODEL_BASE``, ``MODEL_BASE/NAME`` or ``MODEL_BASE/NAME/VERSION``."""
+    target = Path(target)
+    if not ExportedModel.is_version_dir(target) and RunDir.is_run(target):
+        return RunDir(target), None
     try:
-        return json.loads((data / "dataset.json").read_text())["version"]
-    except (OSError, KeyError, ValueError):
-        return "unknown"
+        return None, ExportedModel.open(target, "RUN|MODEL_DIR")
+    except UsageError as exc:
+        raise UsageError(f"{exc}; nor a training run (no {RunDir.CONFIG})") from None
 
 
 def headline_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -693,13 +487,12 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     return {k: v["value"] for k, v in headline_figures(report).items()}
 
 
-def _log_to_mlflow(run: Path, report: dict[str, Any], split: str, out: Path | None,
+def _log_to_mlflow(run: RunDir, report: dict[str, Any], split: str, out: Path | None,
                    artifacts: list[Path] = ()) -> None:
     from mmclinic.tracking import MlflowRun
 
-    mlrun = MlflowRun((run / "mlflow_run_id").read_text().strip())
-    step = json.loads((run / "run.json").read_text()).get("step", 0) if (run / "run.json").is_file() else 0
-    mlrun.log_metrics({f"eval.{split}.{k}": v for k, v in headline(report).items()}, step)
+    mlrun = MlflowRun(run.mlflow_run_id())
+    mlrun.log_metrics({f"eval.{split}.{k}": v for k, v in headline(report).items()}, run.step)
     if out is not None:
         mlrun.log_artifact(out, f"evaluation/{split}")
     for path in artifacts:

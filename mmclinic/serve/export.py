@@ -16,7 +16,6 @@ official build links them.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmclinic.artifacts import DatasetDir, ExportedModel, ModelFolder, RunDir
 from mmclinic.errors import UsageError, VettingFailed
 
 
@@ -97,11 +97,6 @@ def save_serving_model(module, path: Path) -> None:
     })
 
 
-def _next_version(base: Path) -> int:
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
-    return max(versions, default=0) + 1
-
-
 def _model_card(name: str, version: int, run_info: dict[str, Any], config, checks: dict[str, Any]) -> str:
     v = checks["validation"]
     m = config.model
@@ -149,18 +144,18 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     """Vet ``run`` and, when every check passes, write ``MODEL_BASE/NAME/VERSION/``."""
     import tensorflow as tf
 
-    from mmclinic.eval.evaluate import RunScorer, compute_report, load_run_model, load_split
+    from mmclinic.eval.embedding import load_split
+    from mmclinic.eval.evaluate import compute_report
+    from mmclinic.eval.scorers import RunScorer, load_run_model
     from mmclinic.phi.guard import DEFAULT_GUARD
 
-    run, model_base = Path(run), Path(model_base)
-    if not (run / "config.yaml").is_file():
-        raise UsageError(f"RUN {run}: not a training run (no config.yaml)")
-    model, tokenizer, config = load_run_model(run)
-    run_info = json.loads((run / "run.json").read_text())
+    run_dir, model_base = RunDir.open(run, "RUN"), Path(model_base)
+    model, tokenizer, config = load_run_model(run_dir)
+    run_info = run_dir.info()
     name = name or config.export.name
     if not name.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"--name must be letters, digits, '-' or '_', got {name!r}")
-    data = Path(run_info["data"])
+    data = run_dir.dataset_path
     checks: dict[str, dict[str, Any]] = {}
 
     def check(key: str, passed: bool, detail: str) -> None:
@@ -170,10 +165,10 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
           f"step {run_info.get('step', 0)} of {config.train.steps}")
     if not data.is_dir():
         raise VettingFailed(f"vetting failed: the run's dataset {data} is missing (check dataset_available)")
-    val = load_split(data, "val")
+    val = load_split(DatasetDir.open(data, "the run's dataset"), "val")
     if len(val.png) < 3:
         raise VettingFailed(f"vetting failed: validation split of {data} has {len(val.png)} images, need >= 3")
-    scorer = RunScorer(run, model, tokenizer, config)
+    scorer = RunScorer(run_dir.path, model, tokenizer, config)
     rep = compute_report(scorer, val, boot=0, seed=config.eval.seed,
                          target_sensitivity=config.eval.target_sensitivity)
     r5 = rep["retrieval"]["image_to_text"]["R@5"]
@@ -212,38 +207,22 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
                   "validation": {"image_to_text_R@5": r5["value"], "chance_R@5": r5["chance"],
                                  "text_to_image_R@5": rep["retrieval"]["text_to_image"]["R@5"]["value"],
                                  "mismatch_auroc": auroc}}
-        (run / "vetting.json").write_text(json.dumps(result, indent=2) + "\n")
+        run_dir.write_vetting(result)
         if failed:
             raise VettingFailed("vetting failed: " + "; ".join(f"{k} ({checks[k]['detail']})" for k in failed))
-        base = model_base / name
-        base.mkdir(parents=True, exist_ok=True)
-        version = _next_version(base)
-        extra = staged / "assets.extra"
-        extra.mkdir(exist_ok=True)
+        folder = ModelFolder(model_base / name)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        version = folder.next_version()
         card = _model_card(name, version, run_info, config, result)
         DEFAULT_GUARD.check(card, "model card")
-        (extra / "model_card.md").write_text(card)
-        (extra / "mmclinic.json").write_text(json.dumps({
+        ExportedModel.write_model_card(staged, card)
+        ExportedModel.write_metadata(staged, {
             "name": name, "version": version, "config_hash": config.hash(), "config": config.to_dict(),
             "dataset_version": run_info.get("dataset_version"), "mismatch_threshold": result["threshold"],
             "mismatch_score": "negated match logit; flag when >= mismatch_threshold",
             "image_size": config.data.image_size, "max_length": config.data.max_length, "vetting": result,
-        }, indent=2) + "\n")
-        dest = base / str(version)
-        shutil.move(str(staged), str(dest))
+        })
+        dest = folder.install(staged, version).path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(path=dest, version=version, checks=checks)
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A SavedModel folder from ``MODEL_BASE/NAME`` (latest version) or a version folder."""
-    path = Path(path)
-    if (path / "saved_model.pb").is_file():
-        return path
-    versions = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
-                      reverse=True) if path.is_dir() else []
-    for v in versions:
-        if (path / str(v) / "saved_model.pb").is_file():
-            return path / str(v)
-    raise UsageError(f"MODEL_DIR {path}: no SavedModel here (expected saved_model.pb or numbered versions)")

@@ -9,13 +9,13 @@ stored: no report text, no image.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mmclinic.artifacts import DatasetDir, ExportedModel
 from mmclinic.errors import InputError, MmclinicError, UsageError
 
 
@@ -50,13 +50,12 @@ def _tables(metadata):
     return runs, scores
 
 
-def _pairs_from_dataset(data: Path, split: str) -> tuple[list[str], list[str], list[bytes | None], list[str], list]:
-    from mmclinic.eval.evaluate import load_split
-
+def _pairs_from_dataset(data: DatasetDir, split: str) -> tuple[list[str], list[str], list[bytes | None], list[str],
+                                                               list]:
     splits = ("train", "val", "test") if split == "all" else (split,)
     ids, rids, png, texts, errs = [], [], [], [], []
     for s in splits:
-        d = load_split(data, s)
+        d = data.load_split(s)
         ids += d.meta["image_id"].tolist(); rids += d.meta["report_id"].tolist()
         png += d.png; texts += d.texts; errs += [None] * len(d.png)
     return ids, rids, png, texts, errs
@@ -93,28 +92,22 @@ def _pairs_from_csv(path: Path) -> tuple[list[str], list[str], list[bytes | None
 
 def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: str | Path | None = None,
           db: str = "sqlite:///scores.db", split: str = "test", batch_size: int = 64) -> ScoreResult:
-    """Score pairs from a dataset split (or a CSV of image_path, report_text) into ``db``."""
+    """Score pairs from a dataset split (or a CSV of image_path, report_text) into ``db``.
+
+    ``model_dir``: ``MODEL_BASE``, ``MODEL_BASE/NAME`` (its latest complete version) or
+    ``MODEL_BASE/NAME/VERSION`` (see :class:`~mmclinic.artifacts.ExportedModel`)."""
     import sqlalchemy as sa
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
 
-    from mmclinic.serve.export import resolve_model_dir
-
     if (data is None) == (input_csv is None):
         raise UsageError("give exactly one of --data DATASET or --input CSV")
-    model_dir = resolve_model_dir(model_dir)
-    info_path = model_dir / "assets.extra" / "mmclinic.json"
-    if not info_path.is_file():
-        raise UsageError(f"MODEL_DIR {model_dir}: no assets.extra/mmclinic.json (its vetted threshold); "
-                         "export the model with `mmclinic export`")
-    info = json.loads(info_path.read_text())
-    threshold = float(info["mismatch_threshold"])
+    model = ExportedModel.open(model_dir, "MODEL_DIR")
+    threshold = model.mismatch_threshold
     if data is not None:
-        data = Path(data)
-        if not data.is_dir():
-            raise UsageError(f"--data not found: {data}")
-        ids, rids, png, texts, errs = _pairs_from_dataset(data, split)
-        source = f"dataset:{data.name}:{split}"
+        dataset = DatasetDir.open(data)
+        ids, rids, png, texts, errs = _pairs_from_dataset(dataset, split)
+        source = f"dataset:{dataset.path.name}:{split}"
     else:
         input_csv = Path(input_csv)
         if not input_csv.is_file():
@@ -126,7 +119,7 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise UsageError(f"--db {db!r}: not a usable database URL ({type(exc).__name__})") from None
 
-    serve = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    serve = tf.saved_model.load(str(model.path)).signatures["serving_default"]
     ok = [i for i, e in enumerate(errs) if e is None]
     match = np.full(len(ids), np.nan)
     logit = np.full(len(ids), np.nan)
@@ -144,8 +137,7 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
         metadata.create_all(engine)
         with engine.begin() as conn:
             conn.execute(runs_t.insert().values(
-                scoring_run_id=run_id, model_name=info.get("name", model_dir.parent.name),
-                model_version=int(info.get("version", model_dir.name if model_dir.name.isdigit() else 0)),
+                scoring_run_id=run_id, model_name=model.name, model_version=model.version,
                 threshold=threshold, source=source, pairs=len(ids), flagged=int(flagged.sum()),
                 failed=int(sum(e is not None for e in errs)), created_at=dt.datetime.now(dt.timezone.utc)))
             conn.execute(scores_t.insert(), [

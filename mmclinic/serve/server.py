@@ -13,8 +13,11 @@ integration tests work against either:
 
 Malformed requests get a 4xx and ``{"error": "..."}``. Request bodies hold images and report
 text: nothing from a body is ever logged or echoed back in an error, only names, counts and
-types. Each model serves its latest version, plus any version that a label in
-``MODEL_BASE/NAME/version_labels.json`` (``{"stable": 1}``) points to.
+types. Each model serves its latest complete version, plus any version that a label in
+``MODEL_BASE/NAME/version_labels.json`` (``{"stable": 1}``) points to. ``MODEL_BASE`` may also
+be one model's folder ``MODEL_BASE/NAME`` or one version ``MODEL_BASE/NAME/VERSION``, as
+``mmclinic evaluate`` and ``mmclinic score`` accept; every served version needs the
+``assets.extra/mmclinic.json`` that export writes (:class:`mmclinic.artifacts.ExportedModel`).
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from mmclinic.artifacts import ExportedModel, find_models
 from mmclinic.errors import UsageError
 
 DEFAULT_PORT = 8501  # TensorFlow Serving's REST port
 _ROUTE = re.compile(r"^/v1/models/(?P<name>[A-Za-z0-9_.-]+)"
                     r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[A-Za-z0-9_-]+))?"
                     r"(?P<rest>/metadata|:[A-Za-z]+)?$")
-_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _DTYPES = {"string": "DT_STRING", "float32": "DT_FLOAT", "float64": "DT_DOUBLE", "int32": "DT_INT32",
            "int64": "DT_INT64", "bool": "DT_BOOL"}
 
@@ -68,7 +71,7 @@ class LoadedVersion:
     path: Path
     module: Any
     info: dict[str, Any]
-    """``assets.extra/mmclinic.json`` written by export (empty for other SavedModels)."""
+    """``assets.extra/mmclinic.json`` written by export (see :class:`~mmclinic.artifacts.ExportedModel`)."""
 
     def signature(self, name: str) -> Any:
         try:
@@ -79,39 +82,12 @@ class LoadedVersion:
                                  f"{', '.join(sorted(self.module.signatures))}") from None
 
 
-def _versions(folder: Path) -> list[int]:
-    return sorted(int(p.name) for p in folder.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").is_file())
-
-
 def discover(model_base: str | Path) -> dict[str, tuple[Path, list[int], dict[str, int]]]:
-    """``{name: (folder, versions, labels)}`` under ``MODEL_BASE`` (or ``MODEL_BASE`` itself if it is one model)."""
-    base = Path(model_base)
-    if not base.is_dir():
-        raise UsageError(f"MODEL_BASE {base}: not a folder")
-    folders = [base] if _versions(base) else sorted(p for p in base.iterdir() if p.is_dir() and _versions(p))
-    if not folders:
-        raise UsageError(f"MODEL_BASE {base}: no exported models (expected NAME/VERSION/saved_model.pb, as "
-                         "mmclinic export writes)")
-    out = {}
-    for folder in folders:
-        versions = _versions(folder)
-        labels: dict[str, int] = {}
-        label_file = folder / "version_labels.json"
-        if label_file.is_file():
-            try:
-                raw = json.loads(label_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise UsageError(f"{label_file}: not a JSON object ({type(exc).__name__})") from None
-            if not isinstance(raw, dict):
-                raise UsageError(f"{label_file}: expected an object such as {{\"stable\": 1}}")
-            for label, version in raw.items():
-                if not _LABEL.match(str(label)) or not isinstance(version, int) or version not in versions:
-                    raise UsageError(f"{label_file}: label {label!r} must name an exported version of "
-                                     f"{folder.name} (one of {versions})")
-                labels[str(label)] = version
-        out[folder.name] = (folder, versions, labels)
-    return out
+    """``{name: (folder, versions, labels)}`` of the models ``MODEL_BASE`` names: every model under
+    it, or the one model ``MODEL_BASE/NAME`` is, or the one version ``MODEL_BASE/NAME/VERSION`` is
+    (see :func:`mmclinic.artifacts.find_models`)."""
+    return {folder.name: (folder.path, folder.versions, folder.labels())
+            for folder in find_models(model_base, "MODEL_BASE")}
 
 
 def _spec_json(spec: Any, tensor_name: str) -> dict[str, Any]:
@@ -160,29 +136,29 @@ class ModelServer:
     """The loaded models and the request logic, independent of the HTTP plumbing."""
 
     def __init__(self, model_base: str | Path, *, max_batch: int = 1024, max_body_bytes: int = 64 << 20) -> None:
-        found = discover(model_base)  # before importing TensorFlow: a wrong path fails at once
+        # Before importing TensorFlow: a wrong path or a broken mmclinic.json fails at once.
+        found = discover(model_base)
+        served = {name: {v: ExportedModel(folder / str(v)) for v in sorted({versions[-1], *labels.values()})}
+                  for name, (folder, versions, labels) in found.items()}
+        for versions in served.values():
+            for exported in versions.values():
+                exported.metadata  # noqa: B018 - read and checked now
         import tensorflow as tf
         import tensorflow_text  # noqa: F401 - the tokenizer's ops
 
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
         self.metrics = Metrics()
         self.models: dict[str, dict[int, LoadedVersion]] = {}
-        self.labels: dict[str, dict[str, int]] = {}
-        for name, (folder, versions, labels) in found.items():
-            keep = sorted({versions[-1], *labels.values()})
-            self.models[name], self.labels[name] = {}, labels
-            for v in keep:
-                path = folder / str(v)
-                info_file = path / "assets.extra" / "mmclinic.json"
+        self.labels: dict[str, dict[str, int]] = {name: labels for name, (_, _, labels) in found.items()}
+        for name, versions in served.items():
+            self.models[name] = {}
+            for v, exported in versions.items():
                 try:
-                    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise UsageError(f"{info_file}: not readable JSON ({type(exc).__name__})") from None
-                try:
-                    module = tf.saved_model.load(str(path))
+                    module = tf.saved_model.load(str(exported.path))
                 except Exception as exc:  # noqa: BLE001 - name the folder, not a stack of TF internals
-                    raise UsageError(f"{path}: cannot be loaded as a SavedModel ({type(exc).__name__})") from None
-                self.models[name][v] = LoadedVersion(name, v, path, module, info)
+                    raise UsageError(f"{exported.path}: cannot be loaded as a SavedModel "
+                                     f"({type(exc).__name__})") from None
+                self.models[name][v] = LoadedVersion(name, v, exported.path, module, exported.metadata)
                 self.metrics.loaded.labels(name, str(v)).set(1)
         self._tf = tf
 
