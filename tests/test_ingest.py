@@ -1,3 +1,5 @@
+import hashlib
+import json
 import shutil
 
 import pandas as pd
@@ -5,8 +7,50 @@ import pytest
 
 from mmclinic.data.cards import read_data_card
 from mmclinic.data.ingest import IngestOptions, ingest
-from mmclinic.data.splits import check_splits
+from mmclinic.data.splits import SPLITS, check_splits
 from mmclinic.errors import MmclinicError, UsageError
+
+PAIRING_REASONS = {"duplicate", "missing_patient", "missing_report"}
+"""Image refusals made after decoding; every other image refusal of a DICOM source is a failed decode."""
+
+
+def assert_card_counts_match_tables(ds):
+    """Every count in the data card, recomputed from the tables ingest wrote (a DICOM source,
+    one frame per file, ``--unpaired quarantine`` or ``keep``)."""
+    card = read_data_card(ds / "data_card.md")
+    m = pd.read_parquet(ds / "manifest.parquet")
+    r = pd.read_parquet(ds / "reports.parquet")
+    q = pd.read_csv(ds / "quarantine.csv", keep_default_na=False, dtype=str)
+    unpaired = pd.read_parquet(ds / "unpaired_images.parquet") if (ds / "unpaired_images.parquet").exists() else None
+    n_unpaired = 0 if unpaired is None else len(unpaired)
+    q_images, q_reports = q[q["kind"] == "image"], q[q["kind"] == "report"]
+    accepted = len(m) + n_unpaired
+    report_refused = q_images["message"].str.contains("its report was quarantined", regex=False)
+    expected = {
+        "image_inputs": accepted + len(q_images),
+        "decoded": accepted + len(q_images) - int((~q_images["reason_code"].isin(PAIRING_REASONS)).sum()),
+        "paired_with_report": len(m) + int(report_refused.sum()),
+        "images_accepted": accepted,
+        "report_inputs": len(r) + len(q_reports),
+        "reports_accepted": len(r),
+        "report_rows": len(r) + len(q_reports),
+        "image_rows": len(m),
+        "unpaired_images_kept": n_unpaired,
+        "quarantined": len(q),
+        "quarantined_by_reason": {k: int(v) for k, v in q["reason_code"].value_counts().items()},
+        "burned_in_flagged": int(m["burned_in"].sum()),
+    }
+    assert card["counts"] == expected
+    for split in SPLITS:
+        rows = m[m["split"] == split]
+        assert card["splits"][split] == {"patients": rows["patient_key"].nunique(),
+                                         "studies": rows["study_key"].nunique(), "images": len(rows),
+                                         "reports": rows["report_id"].nunique()}, split
+    assert sum(card["splits"][s]["images"] for s in SPLITS) == len(m)
+    assert set(r["report_id"]) >= set(m["report_id"])
+    assert card["manifest_sha256"] == hashlib.sha256((ds / "manifest.parquet").read_bytes()).hexdigest()
+    assert card["dataset_version"] == json.loads((ds / "dataset.json").read_text())["version"]
+    return card
 
 
 def test_manifest_columns_and_patient_level_split(dataset):
@@ -23,8 +67,8 @@ def test_manifest_columns_and_patient_level_split(dataset):
     bad.loc[row, "split"] = "test" if bad.loc[row, "split"] != "test" else "train"
     with pytest.raises(MmclinicError, match="split leak"):
         check_splits(bad)
-    card = read_data_card(dataset / "data_card.md")
-    assert card["counts"]["images_accepted"] == len(m)
+    card = assert_card_counts_match_tables(dataset)
+    assert card["counts"]["images_accepted"] == card["counts"]["paired_with_report"] == len(m) > 0
     assert card["manifest_sha256"] and card["splits"]["train"]["patients"] > 0
 
 
@@ -51,6 +95,11 @@ def test_bad_inputs_quarantined_and_everything_accounted(synth_source, tmp_path)
     ds.AccessionNumber = "ACC00000002"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
     ds.save_as(src / "dicom" / "anonymous.dcm")
+    # A new image of the report with empty text: paired, then refused with its report.
+    ds = pydicom.dcmread(victim)
+    ds.AccessionNumber = "ACC00000001"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.998"
+    ds.save_as(src / "dicom" / "empty_report.dcm")
     n_files = sum(1 for p in src.rglob("*") if p.is_file()) - 2  # minus reports.csv and labels.csv
     out = tmp_path / "ds"
     s = ingest(src, out, "auto", tmp_path / "k", IngestOptions(max_side=64))
@@ -59,6 +108,9 @@ def test_bad_inputs_quarantined_and_everything_accounted(synth_source, tmp_path)
     assert reasons["dicom/notes.txt"] == "not_dicom"
     assert reasons["dicom/truncated.dcm"] in ("truncated", "corrupt_image", "duplicate")
     assert reasons["dicom/anonymous.dcm"] == "missing_patient"
+    assert reasons["dicom/empty_report.dcm"] == "missing_report"
+    card = assert_card_counts_match_tables(out)
+    assert card["counts"]["paired_with_report"] == s.accepted + 1
     assert {"missing_image", "empty_report", "duplicate"} <= set(q["reason_code"])
     image_rows = q[~q["source_path"].str.startswith("reports.csv")]
     assert s.accepted + len(image_rows) == n_files
