@@ -425,11 +425,6 @@ _IDLE = _IdlePools()
 atexit.register(_IDLE.close)
 
 
-def close_idle_workers() -> None:
-    """Stop the workers :func:`call_in_worker` keeps warm (they also stop when this process exits)."""
-    _IDLE.close()
-
-
 def call_in_worker(fn: Callable[..., Any], args: Sequence[Any], timeout: float, name: str) -> Any:
     """``fn(*args)`` in a decoding worker under the time box; its value, or the exception it raised.
 
