@@ -16,7 +16,9 @@ SCAN_RULES: dict[str, re.Pattern[str]] = {
     "email": re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"),
     "phone": re.compile(r"(?<![\d.])\d{3}[\s.-]\d{3}[\s.-]\d{4}(?!\d)"),
     "date": re.compile(r"\b\d{1,2}/\d{1,2}/\d{2,4}\b"),
-    "mrn": re.compile(r"\bMRN\s*[:#]?\s*\d", re.I),
+    # a record number after its label, digits or letters and digits: "MRN 88123456", "MRN: AB12X9", "MR# K77"
+    "mrn": re.compile(r"\b(?:MRN|MR\s*#|medical\s+record\s+(?:number|no\.?|#)|patient\s+id|accession(?:\s+(?:number|no\.?|#))?)"
+                      r"\s*[:#]?\s*[A-Za-z/-]*\d", re.I),
     "dicom_person_name": re.compile(r"\b[A-Z][a-z]+\^[A-Z][a-z]+\b"),
 }
 
