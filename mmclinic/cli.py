@@ -22,36 +22,42 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
 
+    # Defaults and choices come from the library (IngestOptions and its policy tuples): one definition.
+    from mmclinic.data.images import FRAME_POLICIES
+    from mmclinic.data.ingest import (BURNED_IN_POLICIES, FORMATS, SPLIT_POLICIES, TEXT_POLICIES, UNPAIRED_POLICIES,
+                                      IngestOptions)
+    from mmclinic.data.sources import CsvColumns
+
+    d, cols = IngestOptions(), CsvColumns()
     s = sub.add_parser("ingest", help="de-identify, pair, split and shard a source into a dataset folder")
     s.add_argument("source", metavar="SOURCE")
     s.add_argument("--out", required=True, metavar="DATASET")
-    s.add_argument("--format", default="auto", choices=["auto", "dicom", "medpix2", "iu-xray", "mimic-cxr", "csv"])
+    s.add_argument("--format", default="auto", choices=list(FORMATS))
     s.add_argument("--deid-key-file", metavar="F",
                    help="hex key for pseudonyms (created if absent; default DATASET.deid-key beside DATASET)")
-    s.add_argument("--max-side", type=int, default=512, help="longest side of stored images")
-    s.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
-    s.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test fractions")
-    s.add_argument("--split-policy", default="hash", choices=["hash", "source"],
+    s.add_argument("--max-side", type=int, default=d.max_side, help=f"longest side of stored images ({d.max_side})")
+    s.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0: one per core)")
+    s.add_argument("--split-ratios", default=",".join(f"{r:g}" for r in d.split_ratios), help="train,val,test fractions")
+    s.add_argument("--split-policy", default=d.split_policy, choices=list(SPLIT_POLICIES),
                    help="hash: keyed hash of the patient; source: the source's own split where it has one")
     s.add_argument("--stratify-by", metavar="COLUMN", help="manifest column each split should share "
                    "in the split ratios (e.g. modality, view)")
-    s.add_argument("--text-policy", choices=["findings", "impression", "both", "longest", "caption",
-                                             "caption+findings"],
-                   help="report text the model sees (default: both; caption for medpix2)")
-    s.add_argument("--frame-policy", default="first", choices=["first", "middle", "all", "reject"],
+    s.add_argument("--text-policy", choices=list(TEXT_POLICIES),
+                   help="report text the model sees (default: the source's own: both; caption for medpix2)")
+    s.add_argument("--frame-policy", default=d.frame_policy, choices=list(FRAME_POLICIES),
                    help="multi-frame DICOM handling")
-    s.add_argument("--burned-in", default="keep", choices=["keep", "quarantine"],
+    s.add_argument("--burned-in", default=d.burned_in, choices=list(BURNED_IN_POLICIES),
                    help="files declaring BurnedInAnnotation YES: keep with a flag, or quarantine")
-    s.add_argument("--unpaired", default="quarantine", choices=["quarantine", "keep"],
+    s.add_argument("--unpaired", default=d.unpaired, choices=list(UNPAIRED_POLICIES),
                    help="reports without images and images without reports")
-    s.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="time box for decoding one file")
-    s.add_argument("--near-duplicate-bits", type=int, default=20, metavar="N",
+    s.add_argument("--decode-timeout", type=float, default=d.decode_timeout, metavar="SECONDS",
+                   help=f"time box for decoding one file ({d.decode_timeout:g})")
+    s.add_argument("--near-duplicate-bits", type=int, default=d.near_duplicate_bits, metavar="N",
                    help="256-bit perceptual-hash distance within which images are near-duplicates (-1: off)")
     s.add_argument("--write-dicom", action="store_true",
                    help="also write de-identified DICOM copies (PS3.15 Annex E) to DATASET/dicom/")
     s.add_argument("--csv-columns", metavar="IMAGE,TEXT,PATIENT[,STUDY[,SPLIT]]",
-                   help="column names for --format csv (default image_path,report_text,patient_id,study_id)")
+                   help=f"column names for --format csv (default {cols.image},{cols.text},{cols.patient},{cols.study})")
     s.add_argument("--image-dir", metavar="DIR", help="iu-xray: image folder inside SOURCE")
 
     s = sub.add_parser("train", help="train the dual-tower model (same workdir resumes)")

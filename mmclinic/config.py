@@ -65,6 +65,9 @@ class ModelConfig:
     dropout: float = 0.0
 
 
+MIN_IMAGE_SIDE = 16
+"""Smallest image side a model input (``data.image_size``) or a stored image (``--max-side``) may have."""
+
 MISMATCH_KINDS = ("other_patient", "other_patient_same_findings", "same_patient_other_study", "laterality_swap",
                   "negation", "finding_swap")
 """Kinds of mismatch negatives for the match head (``train.mismatch_kinds``)."""
@@ -301,8 +304,8 @@ def _validate(obj: Any, prefix: str) -> None:
         value = getattr(obj, f.name)
         if f.name in _POSITIVE and value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-    if isinstance(obj, DataConfig) and obj.image_size < 16:
-        raise ConfigError(f"config key '{prefix}.image_size' must be >= 16, got {obj.image_size}")
+    if isinstance(obj, DataConfig) and obj.image_size < MIN_IMAGE_SIDE:
+        raise ConfigError(f"config key '{prefix}.image_size' must be >= {MIN_IMAGE_SIDE}, got {obj.image_size}")
     if isinstance(obj, DataConfig) and obj.max_length < 8:
         raise ConfigError(f"config key '{prefix}.max_length' must be >= 8, got {obj.max_length}")
     if isinstance(obj, ModelConfig) and obj.text_hidden % obj.text_heads:

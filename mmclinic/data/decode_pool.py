@@ -94,14 +94,14 @@ def _identity(ds: Any) -> dict[str, Any]:
 
 def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
     """Decode one input file into one PNG per kept frame. Never raises: errors become a result."""
-    from mmclinic.data.images import (ImageRecord, _is_dicom, decode_dicom, open_dicom, read_image,
+    from mmclinic.data.images import (ImageRecord, is_dicom, decode_dicom, open_dicom, read_image,
                                       resize_pixels, to_png_bytes)
 
     path, index = Path(job["path"]), job["index"]
     try:
         ident: dict[str, Any] = {}
         records: list[ImageRecord]
-        if path.is_file() and _is_dicom(path):
+        if path.is_file() and is_dicom(path):
             ds = open_dicom(path)
             ident = _identity(ds)
             if not ident["SOPInstanceUID"]:

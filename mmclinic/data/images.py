@@ -94,7 +94,7 @@ def _check_policy(frame_policy: str, *, single: bool = False) -> None:
         )
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(132)
     return len(head) == 132 and head[128:132] == b"DICM"
@@ -104,7 +104,7 @@ def _sniff(path: Path) -> str:
     """'dicom' or 'raster'; typed errors for a missing file or unknown bytes."""
     if not path.is_file():
         raise errors.MissingImage(f"image file not found: {path.name}")
-    if _is_dicom(path):
+    if is_dicom(path):
         return "dicom"
     with open(path, "rb") as fh:
         magic = fh.read(8)
@@ -285,7 +285,7 @@ def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) ->
     path = Path(path)
     if not path.is_file():
         raise errors.MissingImage(f"image file not found: {path.name}")
-    if not _is_dicom(path):
+    if not is_dicom(path):
         raise errors.NotDicom(f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128)")
     try:
         _check_inflated_size(path, pixel_budget + _HEADER_ALLOWANCE)

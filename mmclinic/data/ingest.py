@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from mmclinic import errors
+from mmclinic.config import MIN_IMAGE_SIDE
 from mmclinic.data import ingest_stages as stages
 from mmclinic.data.decode_pool import DecodeSettings, decode_all
 from mmclinic.data.images import DEFAULT_PIXEL_BUDGET, FRAME_POLICIES
@@ -33,8 +34,6 @@ SPLIT_POLICIES = ("hash", "source")
 TEXT_POLICIES = (*reports_mod.TEXT_POLICIES, "caption", "caption+findings")
 UNPAIRED_POLICIES = ("quarantine", "keep")
 BURNED_IN_POLICIES = ("keep", "quarantine")
-MIN_MAX_SIDE = 16
-"""The smallest ``max_side`` (longest side of a stored image) ingest accepts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,7 @@ def _check_options(o: IngestOptions) -> None:
         (o.frame_policy in FRAME_POLICIES, f"--frame-policy must be {frame_policies}"),
         (o.burned_in in BURNED_IN_POLICIES, "--burned-in must be keep or quarantine"),
         (o.unpaired in UNPAIRED_POLICIES, "--unpaired must be keep or quarantine"),
-        (o.max_side >= MIN_MAX_SIDE, f"--max-side must be at least {MIN_MAX_SIDE}"),
+        (o.max_side >= MIN_IMAGE_SIDE, f"--max-side must be at least {MIN_IMAGE_SIDE}"),
         (o.decode_timeout is None or o.decode_timeout > 0, "--decode-timeout must be positive"),
         (o.shard_size >= 1, "shard size must be at least 1"),
         (-1 <= o.near_duplicate_bits <= 64, "--near-duplicate-bits must be in [-1, 64]"),
