@@ -30,9 +30,6 @@ from typing import Any
 from mmclinic.config import ExperimentConfig, config_from_dict, load_config
 from mmclinic.errors import ConfigError, UsageError
 
-SPLITS = ("train", "val", "test")
-
-
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``; UsageError naming the file when it is missing or not one."""
     if not path.is_file():
@@ -93,10 +90,6 @@ class DatasetDir:
             raise UsageError(f"{arg} {ds.path}: not a dataset folder (no {cls.MANIFEST}); run `mmclinic ingest` "
                              "first")
         return ds
-
-    @classmethod
-    def is_dataset(cls, path: str | Path) -> bool:
-        return (Path(path) / cls.MANIFEST).is_file()
 
     def __repr__(self) -> str:
         return f"DatasetDir({str(self.path)!r})"
@@ -423,12 +416,6 @@ class ExportedModel:
 
     def __repr__(self) -> str:
         return f"ExportedModel({str(self.path)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ExportedModel) and self.path.resolve() == other.path.resolve()
-
-    def __hash__(self) -> int:
-        return hash(self.path.resolve())
 
     @property
     def metadata_path(self) -> Path:
