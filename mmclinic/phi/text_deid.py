@@ -154,7 +154,7 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
         r"|\b(?i:ext\.?|extension)[ \t]*\d{3,6}\b", r"\g<keep>[PHONE]"),
     _rule("medical_record_number", r"[MmPpHhUuNnCc]",
         rf"\b{_MRN_LABEL}(?:{_SEP_NO}{_TOK_DIGIT}|{_SEP_MARK}{_TOK_STRONG}){_MORE_DIGITS}", "[MRN]"),
-    _rule("accession", r"[Aa]",
+    _rule("accession_number", r"[Aa]",
         rf"\b{_ACC_LABEL}(?:{_SEP_NO}{_TOK_DIGIT}|{_SEP_MARK}{_TOK_STRONG}){_MORE_DIGITS}", "[ACCESSION]"),
     _rule("other_identifier", r"\b[A-Za-z]",
         rf"\b{_ID_LABEL}{_SEP}{_TOK_DIGIT}{_MORE_DIGITS}"
