@@ -207,10 +207,6 @@ def write_projector(logdir: Path, image_emb: np.ndarray, text_emb: np.ndarray,
 def _write_sprite(path: Path, thumbs: np.ndarray) -> None:
     from PIL import Image
 
-    n, h, w = thumbs.shape[:3]
-    side = int(np.ceil(np.sqrt(n)))
-    sheet = np.zeros((side * h, side * w), np.uint8)
-    for i in range(n):
-        r, c = divmod(i, side)
-        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = np.round(np.clip(thumbs[i], 0, 1) * 255)
-    Image.fromarray(sheet).save(path)
+    from mmclinic.display import sprite
+
+    Image.fromarray(sprite(thumbs)).save(path)

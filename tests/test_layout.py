@@ -19,7 +19,7 @@ PACKAGE = REPO / "mmclinic"
 LAYERS: list[tuple[str, ...]] = [
     ("mmclinic.errors",),
     ("mmclinic.config", "mmclinic.phi"),
-    ("mmclinic.tracking", "mmclinic.artifacts"),
+    ("mmclinic.tracking", "mmclinic.artifacts", "mmclinic.display"),
     ("mmclinic.text",),
     ("mmclinic.data",),
     ("mmclinic.models",),

@@ -47,10 +47,20 @@ def snippet(text: str, n: int = SNIPPET_CHARS) -> str:
     return f"[withheld: matches PHI rule {', '.join(hits)}]" if hits else text
 
 
+def cell_text(value: Any) -> str:
+    """A table cell's text: empty for None, NaN and pandas' missing values (never "nan")."""
+    import pandas as pd
+
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    return str(value)
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
-    """An HTML table; cells are escaped unless they are :class:`SafeHtml`."""
+    """An HTML table; cells are escaped unless they are :class:`SafeHtml`; missing values are empty."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, SafeHtml) else html.escape(str(c))}</td>" for c in r)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, SafeHtml) else html.escape(cell_text(c))}</td>"
+                                    for c in r)
                    + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -153,18 +163,10 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
 
 
 def _thumbnail(png: bytes, side: int = 96) -> bytes | None:
-    from PIL import Image
+    """The display thumbnail (:mod:`mmclinic.display`: scaled by bit depth, never clipped)."""
+    from mmclinic.display import thumbnail_png
 
-    try:
-        img = Image.open(io.BytesIO(png))
-        img.load()
-    except Exception:  # noqa: BLE001 - an undecodable image gets no thumbnail
-        return None
-    img = img.convert("L")
-    img.thumbnail((side, side))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return thumbnail_png(png, side)
 
 
 def failure_cases(details: dict[str, Any], png: list[bytes], n: int):
@@ -209,9 +211,9 @@ def _failure_html(df, thumbs: dict[str, bytes | None], title: str) -> str:
         rows = []
         for r in sub.itertuples():
             rows.append([img_tag(thumbs.get(r.image_id), r.image_id, 96), r.image_id, r.report_id,
-                         "" if pd.isna(r.rank) else int(r.rank),
-                         f"{r.score:.3f}", r.corruption or "", r.report_snippet,
-                         r.retrieved_snippet or ""])
+                         None if pd.isna(r.rank) else int(r.rank),
+                         f"{r.score:.3f}", None if pd.isna(r.corruption) else r.corruption, r.report_snippet,
+                         None if pd.isna(r.retrieved_snippet) else r.retrieved_snippet])
         parts.append(f"<h2>{html.escape(header)}</h2>")
         parts.append(table(["image", "image_id", "report_id", "rank", "score", "corruption", "report",
                              "top-1 retrieved report"], rows) if rows else "<p>none</p>")
