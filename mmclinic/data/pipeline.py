@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import tensorflow as tf
 
 from mmclinic.config import DataConfig
 from mmclinic.data import preprocess
 from mmclinic.data.negatives import NegativeTables
+from mmclinic.data.schema import (HAS_SIDE, IMAGE, NORM_KEY, PADDING_MASK, SWAPPED_IDS, SWAPPED_MASK, TEXT, TOKEN_IDS,
+                                  BatchSchema, negative_features)
 from mmclinic.data.shards import STRING_FEATURES, shard_files
 from mmclinic.errors import UsageError
 
@@ -28,8 +29,9 @@ def read_split(dataset: str | Path, split: str) -> tf.data.Dataset:
 
 def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, batch_size: int, *,
                  training: bool, seed: int = 0, repeat: bool | None = None, skip_batches: int = 0,
-                 negatives: NegativeTables | None = None, keys: Sequence[str] | None = None) -> tf.data.Dataset:
-    """Batches of ``{"image", "token_ids", "padding_mask", "swapped_ids", "swapped_mask", ...}``.
+                 negatives: NegativeTables | None = None, schema: BatchSchema | None = None) -> tf.data.Dataset:
+    """Batches of ``{"image", "token_ids", "padding_mask", "swapped_ids", "swapped_mask", ...}``
+    (the features :mod:`mmclinic.data.schema` declares, with the record's string fields).
 
     ``swapped_*`` is the same report with left and right exchanged: a negative for the
     match head wherever the report names a side (``has_side``).
@@ -39,8 +41,9 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
     the report has none), looked up by ``report_id``; and ``norm_key``, a 63-bit hash of the
     report's normalised text (equal for reports that are the same after normalisation).
 
-    ``keys``: only these features in the batches (fewer to cache, shuffle, batch and hand over
-    each step); None: all of them.
+    ``schema``: the batches hold exactly its features, in its order (fewer to cache, shuffle,
+    batch and hand over each step), checked against its dtypes and shapes when the pipeline is
+    built; None: every feature.
 
     Texts are fixed per example: they are tokenized once, before the cache; each step only
     shuffles, batches and augments (a batch at a time).
@@ -63,31 +66,29 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
     def texts(ex):
         # A batch of records at a time: the tokenizer is vectorised.
         ex = dict(ex)
-        ex["token_ids"], ex["padding_mask"] = tokenizer(ex["text"])
-        swapped = preprocess.swap_laterality(ex["text"])
-        ex["swapped_ids"], ex["swapped_mask"] = tokenizer(swapped)
-        ex["has_side"] = tf.not_equal(swapped, ex["text"])
+        ex[TOKEN_IDS.name], ex[PADDING_MASK.name] = tokenizer(ex[TEXT.name])
+        swapped = preprocess.swap_laterality(ex[TEXT.name])
+        ex[SWAPPED_IDS.name], ex[SWAPPED_MASK.name] = tokenizer(swapped)
+        ex[HAS_SIDE.name] = tf.not_equal(swapped, ex[TEXT.name])
         for kind, table in tables.items():
             text = table.lookup(ex["report_id"])
             if kind == "norm":
-                ex["norm_key"] = tf.strings.to_hash_bucket_fast(text, 2 ** 63 - 1)
+                ex[NORM_KEY.name] = tf.strings.to_hash_bucket_fast(text, 2 ** 63 - 1)
                 continue
-            ex[f"neg_{kind}_ids"], ex[f"neg_{kind}_mask"] = tokenizer(text)
-            ex[f"neg_{kind}_ok"] = tf.strings.length(text) > 0
+            ids, mask, ok = negative_features(kind)
+            ex[ids.name], ex[mask.name] = tokenizer(text)
+            ex[ok.name] = tf.strings.length(text) > 0
         return ex
 
     def decode(ex):
         ex = dict(ex)
-        ex["image"] = preprocess.decode_image(ex.pop("image_png"), size)
-        if keys is None:
-            return ex
-        missing = sorted(set(keys) - set(ex))
-        if missing:
-            raise UsageError(f"make_dataset: no feature {missing[0]!r} (features: {', '.join(sorted(ex))})")
-        return {k: ex[k] for k in keys}
+        ex[IMAGE.name] = preprocess.decode_image(ex.pop("image_png"), size)
+        return ex if schema is None else schema.select(ex)
 
     ds = ds.batch(256).map(texts, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if schema is not None:
+        schema.check(ds.element_spec, "make_dataset")
     if cfg.cache:
         ds = ds.cache()
     repeat = training if repeat is None else repeat
@@ -107,8 +108,8 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
 
             def aug(ex, j):
                 ex = dict(ex)
-                ex["image"] = preprocess.augment_images(ex["image"], tf.stack([tf.cast(seed, tf.int64), j]),
-                                                        cfg.hflip)
+                ex[IMAGE.name] = preprocess.augment_images(ex[IMAGE.name], tf.stack([tf.cast(seed, tf.int64), j]),
+                                                           cfg.hflip)
                 return ex
 
             ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic or None)

@@ -17,6 +17,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from mmclinic.config import TrainConfig
+
 
 @keras.saving.register_keras_serializable(package="mmclinic")
 class LayerwiseAdamW(keras.optimizers.AdamW):
@@ -60,3 +62,31 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         config = super().get_config()
         config.update(lr_multipliers=dict(self.lr_multipliers), aggregated_gradients=self.aggregated_gradients)
         return config
+
+
+def lr_schedule(train: TrainConfig) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warm-up to ``train.learning_rate`` over ``train.warmup_steps``, then cosine decay to
+    5 % of it at ``train.steps``."""
+    decay = max(train.steps - train.warmup_steps, 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if train.warmup_steps else train.learning_rate, decay_steps=decay, alpha=0.05,
+        warmup_target=train.learning_rate if train.warmup_steps else None, warmup_steps=train.warmup_steps)
+
+
+def build_optimizer(train: TrainConfig, model: Any) -> keras.optimizers.Optimizer:
+    """The run's optimizer for ``model``'s trainable variables (freeze the model first), built.
+
+    :class:`LayerwiseAdamW` on :func:`lr_schedule`, with the text tower's layer-wise rates when
+    ``train.text_lr_multiplier`` or ``train.layer_decay`` ask for them, wrapped in loss scaling
+    under ``mixed_float16``. Gradients are to reach it already summed over replicas, so its
+    global-norm clip sees the global gradient (as on one device). Call it inside the strategy's
+    scope.
+    """
+    multipliers = ({} if train.text_lr_multiplier == 1.0 and train.layer_decay == 1.0
+                   else model.text_lr_multipliers(train.text_lr_multiplier, train.layer_decay))
+    optimizer = LayerwiseAdamW(learning_rate=lr_schedule(train), weight_decay=train.weight_decay,
+                               global_clipnorm=train.clip_norm, lr_multipliers=multipliers, aggregated_gradients=True)
+    if train.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer
