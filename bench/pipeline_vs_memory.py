@@ -3,10 +3,12 @@
     .venv/bin/python bench/pipeline_vs_memory.py [--steps 60] [--patients 120]
 
 Prints examples/s for both and their ratio (target >= 0.95: the input pipeline keeps up with
-the training step). Both loops run the same compiled train step, interleaved in rounds (the
-order alternating) so that machine noise hits both alike; the reported ratio is the median of
-the per-round ratios, with their range. It also times the pipeline alone (no training step),
-to show what share of the step's time the input work could take at most.
+the training step). Both loops run the real training step (`mmclinic.training.step.TrainStep`
+of the demo experiment, every mismatch kind, fed as `mmclinic train` feeds it: the pipeline
+built from the step's batch schema with the training split's negative tables), interleaved in
+rounds (the order alternating) so that machine noise hits both alike; the reported ratio is the
+median of the per-round ratios, with their range. It also times the pipeline alone (no training
+step), to show what share of the step's time the input work could take at most.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ def main() -> None:
     import pandas as pd
     import tensorflow as tf
 
-    from mmclinic.training import losses
     from mmclinic.config import load_config
     from mmclinic.data.ingest import IngestOptions, ingest
+    from mmclinic.data.negatives import split_negatives
     from mmclinic.data.pipeline import make_dataset
     from mmclinic.data.synth import synthesize
-    from mmclinic.models.dual_encoder import from_model_config
     from mmclinic.text.tokenizer import ReportTokenizer, learn_vocabulary
+    from mmclinic.training.step import MismatchKinds, TrainStep
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-bench-"))
@@ -46,41 +48,31 @@ def main() -> None:
     ingest(tmp / "src", tmp / "ds", "dicom", tmp / "key", IngestOptions(max_side=128))
     texts = pd.read_parquet(tmp / "ds" / "reports.parquet")["text"].tolist()
     tok = ReportTokenizer(learn_vocabulary(texts, cfg.model.vocab_size), cfg.data.max_length)
-    model = from_model_config(cfg.model, cfg.data.image_size, cfg.data.max_length, len(tok.vocab))
-    model.build_all()
-    opt = keras.optimizers.AdamW(1e-3)
-    bs = cfg.train.batch_size
-    keys = ("image", "token_ids", "padding_mask")
+    keras.utils.set_random_seed(cfg.train.seed)
+    kinds = MismatchKinds.from_config(cfg.train)
+    negatives = split_negatives(tmp / "ds", "train", cfg.train.seed, kinds.table_kinds)
+    step = TrainStep.build(cfg, len(tok.vocab), tf.distribute.get_strategy(), kinds)
+    bs = step.global_batch
 
-    @tf.function
-    def step(b):
-        with tf.GradientTape() as tape:
-            i = model.encode_image(b["image"], training=True)
-            t = model.encode_text(b["token_ids"], b["padding_mask"], training=True)
-            loss = losses.clip_loss(i, t, model.logit_scale)
-        g = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients([(a, v) for a, v in zip(g, model.trainable_variables) if a is not None])
-        return loss
-
-    # Only the features the step reads, as train() asks for its own.
-    ds = make_dataset(tmp / "ds", "train", cfg.data, tok, bs, training=True, seed=0, keys=keys)
-    it = iter(ds)
-    memory = [{k: next(it)[k] for k in keys} for _ in range(8)]
-    step(memory[0]).numpy()  # trace once
+    # The features the step's schema declares, as train() asks for them.
+    ds = make_dataset(tmp / "ds", "train", cfg.data, tok, bs, training=True, seed=cfg.train.seed,
+                      negatives=negatives, schema=step.schema)
+    it = step.distribute(ds)
+    memory = [next(it) for _ in range(8)]
+    step(memory[0])["loss"].numpy()  # trace once
 
     def run_pipeline(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            b = next(it)
-            loss = step({k: b[k] for k in keys})
-        loss.numpy()
+            out = step(next(it))
+        out["loss"].numpy()
         return n * bs / (time.perf_counter() - t0)
 
     def run_memory(n: int) -> float:
         t0 = time.perf_counter()
         for s in range(n):
-            loss = step(memory[s % len(memory)])
-        loss.numpy()
+            out = step(memory[s % len(memory)])
+        out["loss"].numpy()
         return n * bs / (time.perf_counter() - t0)
 
     def run_alone(n: int) -> float:
