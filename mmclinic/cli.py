@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, metavar="DATASET")
     s.add_argument("--split", default="test")
     s.add_argument("--out", required=True, metavar="REPORT.json")
+    s.add_argument("--tags", metavar="CSV", help="reviewer tags (image_id, tag): each tag becomes a slice")
 
     s = sub.add_parser("compare", help="runs side by side: configs, metrics, plots; paired bootstrap with --data")
     s.add_argument("runs", nargs="+", metavar="RUN_OR_MLFLOW_RUN_ID")
@@ -90,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     s.add_argument("--max-batch", type=int, default=1024, help="instances per request")
     s.add_argument("--max-body-mb", type=float, default=64.0, help="request body size limit")
+    s.add_argument("--max-batch-size", type=int, default=32,
+                   help="dynamic batching: instances merged into one model call (1 turns batching off)")
+    s.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                   help="dynamic batching: how long a batch waits for requests already arriving")
+    s.add_argument("--no-batching", action="store_true", help="one model call per request")
+    s.add_argument("--poll-seconds", type=float, default=2.0,
+                   help="how often the model folders are scanned for new versions (0: never)")
 
     s = sub.add_parser("score", help="batch-score image-report pairs into a SQL database")
     s.add_argument("model_dir", metavar="MODEL_DIR")
@@ -149,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from mmclinic.eval.evaluate import evaluate, headline
 
-        report = evaluate(args.target, args.data, args.split, args.out)
+        report = evaluate(args.target, args.data, args.split, args.out, tags=args.tags)
         print(json.dumps(headline(report), indent=2))
         print(f"report written to {args.out}")
     elif args.command == "compare":
@@ -167,7 +175,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "serve":
         from mmclinic.serve.server import serve
 
-        serve(args.model_base, args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb)
+        serve(args.model_base, args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb,
+              max_batch_size=1 if args.no_batching else args.max_batch_size,
+              batch_timeout_ms=args.batch_timeout_ms, poll_seconds=args.poll_seconds)
     elif args.command == "score":
         from mmclinic.serve.scoring import score
 

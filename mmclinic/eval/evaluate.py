@@ -302,7 +302,7 @@ def _zero_shot(scorer: Scorer, emb: Embedded, patients: np.ndarray, ev: EvalConf
     return out
 
 
-SLICE_COLUMNS = ("modality", "view", "laterality", "sex", "age_band", "manufacturer", "source_format")
+SLICE_COLUMNS = ("modality", "view", "laterality", "sex", "age_band", "manufacturer", "source_format", "tag")
 
 
 def _slices(emb: Embedded, patients: np.ndarray, i2t: np.ndarray, cset, labels: np.ndarray, mscore: np.ndarray,
@@ -378,8 +378,26 @@ def artifact_paths(out: str | Path) -> dict[str, Path]:
             "thumbnails": base / f"{prefix}failure_thumbnails"}
 
 
+def with_tags(split_data: SplitData, tags: str | Path | Any) -> tuple[SplitData, dict[str, Any]]:
+    """``split_data`` with a ``tag`` column from a reviewer's tag table (``image_id, tag``: a CSV
+    path or a DataFrame, as :func:`mmclinic.eval.analysis.save_tags` writes it), and a summary of
+    the join. Images without a tag are in no ``tag=`` slice; the last tag of an image wins."""
+    from mmclinic.eval.analysis import read_tags
+
+    table = read_tags(tags)
+    table = table.drop_duplicates("image_id", keep="last")
+    mapping = dict(zip(table["image_id"], table["tag"]))
+    meta = split_data.meta.copy()
+    meta["tag"] = meta["image_id"].map(mapping)
+    joined = int(meta["tag"].notna().sum())
+    summary = {"source": Path(tags).name if isinstance(tags, (str, Path)) else "table", "tags": len(mapping),
+               "joined_images": joined, "not_in_split": len(mapping) - joined,
+               "counts": {str(k): int(v) for k, v in meta["tag"].value_counts().sort_index().items()}}
+    return SplitData(png=split_data.png, texts=split_data.texts, meta=meta), summary
+
+
 def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-             scorer: Scorer | None = None) -> dict[str, Any]:
+             scorer: Scorer | None = None, tags: str | Path | Any | None = None) -> dict[str, Any]:
     """Score a run folder or exported model on ``split`` of ``data``; write REPORT.json.
 
     Beside ``out`` it also writes ``report.html`` (self-contained, with ROC, PR, recall@K and
@@ -391,6 +409,9 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
     The operating threshold is the exported model's own (chosen on validation data when it
     was vetted) or, for a run, chosen on the validation split of ``data``. The match-logit
     temperature is fitted on the validation split of ``data``.
+
+    ``tags``: a reviewer's tag table (``image_id, tag`` CSV or DataFrame, see :func:`with_tags`);
+    each tag becomes a ``tag=VALUE`` slice and ``evaluated.tags`` records the join.
     """
     target = Path(target)
     if not target.exists():
@@ -404,6 +425,9 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
     split_data = dataset.load_split(split)
     if not split_data.png:
         raise UsageError(f"--split {split}: the split of {dataset.path} is empty; nothing to evaluate")
+    tag_summary = None
+    if tags is not None:
+        split_data, tag_summary = with_tags(split_data, tags)
     if scorer is None:
         scorer = RunScorer(run.path) if run is not None else SavedModelScorer(model)
     if split == "val":
@@ -418,6 +442,8 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
     report["evaluated"] = {"target": (run.path if run is not None else model.path).name,
                            "kind": "run" if run is not None else "saved_model",
                            "split": split, "dataset_version": dataset.version}
+    if tag_summary is not None:
+        report["evaluated"]["tags"] = tag_summary
     written: list[Path] = []
     if out is not None:
         from mmclinic.eval import report_html
