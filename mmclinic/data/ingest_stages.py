@@ -40,6 +40,7 @@ from mmclinic.data.decode_pool import NAME_TAGS
 from mmclinic.data.sources import SCANNERS, CsvColumns, ImageJob, ReportRow, SourceScan
 from mmclinic.phi.dicom_deid import Pseudonymizer
 from mmclinic.phi.text_deid import deidentify_text
+from mmclinic.text import model_text as model_text_mod
 from mmclinic.text import reports as reports_mod
 
 MANIFEST_COLUMNS = [
@@ -258,28 +259,21 @@ class ReportTable:
     quarantine: list[dict[str, str]]
 
 
-def model_text(sections: dict[str, str], policy: str) -> str:
-    """The text the model sees for a report's sections under ``policy`` (``TEXT_POLICIES`` of ingest)."""
-    caption, findings = sections.get("caption", ""), sections.get("findings", "")
-    if policy == "caption":
-        return caption or findings or sections.get("impression", "")
-    if policy == "caption+findings":
-        return " ".join(x for x in (caption, findings) if x) or sections.get("impression", "")
-    parsed = reports_mod.ParsedReport(findings, sections.get("impression", ""), sections.get("indication", ""),
-                                      sections.get("history", ""), sections.get("comparison", ""),
-                                      sections.get("other", "") or caption)
-    return reports_mod.model_text(parsed, policy)
-
-
 def report_sections(row: ReportRow, identities: set[str], names: set[str],
-                    audit: collections.Counter[str]) -> dict[str, str]:
-    """De-identify first, then split into sections (or clean the sections the source already gives)."""
+                    audit: collections.Counter[str]) -> tuple[dict[str, str], str]:
+    """De-identify first, then split into sections (or clean the sections the source already gives).
+
+    Also returns the de-identified report as one text (sections a source gives separately are
+    written as a report: :func:`mmclinic.text.model_text.compose_report`), the input of the model text.
+    """
     if row.sections is not None:
-        return {k: reports_mod.normalize_whitespace(deidentify_text(v, identities, audit, names))
-                for k, v in row.sections.items()}
-    parsed = reports_mod.parse_sections(deidentify_text(row.text, identities, audit, names))
+        sections = {k: reports_mod.normalize_whitespace(deidentify_text(v, identities, audit, names))
+                    for k, v in row.sections.items()}
+        return sections, model_text_mod.compose_report(sections)
+    text = deidentify_text(row.text, identities, audit, names)
+    parsed = reports_mod.parse_sections(text)
     return {"findings": parsed.findings, "impression": parsed.impression, "indication": parsed.indication,
-            "history": parsed.history, "comparison": parsed.comparison, "other": parsed.other}
+            "history": parsed.history, "comparison": parsed.comparison, "other": parsed.other}, text
 
 
 def build_reports(scan: Scan, pairing: Pairing, pseudo: Pseudonymizer, unpaired: str = "quarantine") -> ReportTable:
@@ -295,12 +289,16 @@ def build_reports(scan: Scan, pairing: Pairing, pseudo: Pseudonymizer, unpaired:
     quarantine: list[dict[str, str]] = []
     used = {p.report.key for p in pairing.pairs if p.report is not None}
     policy = scan.text_policy
+    deidentified: dict[str, tuple[dict[str, str], str]] = {}
     for key, row in scan.reports.items():
-        sections = report_sections(row, pairing.identities[key], pairing.names[key], audit)
+        deidentified[key] = report_sections(row, pairing.identities[key], pairing.names[key], audit)
         row.text, row.sections = "", None  # the identifying original is no longer needed
         pairing.identities.pop(key, None)
         pairing.names.pop(key, None)
-        text = model_text(sections, policy)
+    # The model text: the one definition every path uses (and the exported graph), in one batch.
+    texts = model_text_mod.model_text([d[1] for d in deidentified.values()], model_text_mod.TextConfig(policy))
+    for (key, (sections, _)), text in zip(deidentified.items(), texts):
+        row = scan.reports[key]
         if not text.strip():
             quarantine.append(_refusal(row.where, "empty_report",
                                        f"{row.where}: empty report text under text policy {policy}", "report"))
@@ -536,7 +534,8 @@ def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, report
                     "groups_spanning_patients": groups.n_multi_patient, "moved_by_source_policy": tables.moved},
         unpaired_images=len(tables.unpaired), provenance=scan.source.provenance,
     )
-    (tmp / "dataset.json").write_text(json.dumps({"version": version, "format": scan.format, "name": out.name},
+    (tmp / "dataset.json").write_text(json.dumps({"version": version, "format": scan.format, "name": out.name,
+                                                  "text": model_text_mod.TextConfig(scan.text_policy).to_dict()},
                                                  indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
