@@ -88,7 +88,7 @@ def test_run_registers_its_model_and_logs_lineage(straight_run, dataset):
 def _initial_and_trained(cfg, dataset, run):
     import keras
 
-    from mmclinic.eval.evaluate import load_run_model
+    from mmclinic.eval.scorers import load_run_model
     from mmclinic.models.dual_encoder import from_model_config
     from mmclinic.training.loop import train
 

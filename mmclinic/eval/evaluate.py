@@ -22,9 +22,6 @@ from mmclinic.errors import UsageError
 from mmclinic.eval import metrics
 from mmclinic.eval.embedding import Embedded, SplitData, embed, load_split, mismatch_set, pair_logits, report_findings
 from mmclinic.eval.scorers import RunScorer, SavedModelScorer, Scorer
-# Kept importable from here for one release (tests/test_training.py imports it from this module);
-# its home is mmclinic.eval.scorers.
-from mmclinic.eval.scorers import load_run_model  # noqa: F401
 
 MIN_EVAL = 3
 

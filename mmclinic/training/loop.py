@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmclinic.artifacts import DatasetDir, RunDir
 from mmclinic.config import ExperimentConfig, diff_configs, load_config
 from mmclinic.errors import MmclinicError, UsageError
 
@@ -45,47 +46,36 @@ class TrainResult:
 
 
 def _check_dataset(data: Path) -> dict[str, Any]:
-    if not (data / "manifest.parquet").is_file():
-        raise UsageError(f"--data {data}: not a dataset folder (no manifest.parquet); run `mmclinic ingest` first")
-    info = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").is_file() else {}
-    return info
+    return DatasetDir.open(data).info()
 
 
 def _prepare_workdir(config: ExperimentConfig, workdir: Path, data: Path, version: str) -> bool:
     """Write or check ``config.yaml`` and ``run.json``; True when resuming."""
+    run = RunDir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg_path = workdir / "config.yaml"
-    if cfg_path.is_file():
-        previous = load_config(cfg_path)
-        changed = diff_configs(previous, config)
+    if run.config_path.is_file():
+        changed = diff_configs(run.config(), config)
         if changed:
             raise UsageError(f"--workdir {workdir} holds a run with a different config; refusing to resume "
                              f"(keys that differ: {', '.join(changed)}). Use a new --workdir.")
-        run_info = json.loads((workdir / "run.json").read_text())
+        run_info = run.info()
         if run_info.get("dataset_version") not in (None, version):
             raise UsageError(f"--workdir {workdir} was trained on dataset version {run_info['dataset_version']}, "
                              f"--data {data} is version {version}; refusing to resume")
         return True
-    cfg_path.write_text(f"# resolved config, hash {config.hash()}\n" + config.to_yaml())
-    (workdir / "run.json").write_text(json.dumps({
-        "data": str(data.resolve()), "dataset_version": version, "config_hash": config.hash(), "step": 0,
-    }, indent=2) + "\n")
+    run.write_config(config)
+    run.write_info({"data": str(data.resolve()), "dataset_version": version, "config_hash": config.hash(), "step": 0})
     return False
 
 
 def _update_run_json(workdir: Path, **fields: Any) -> None:
-    path = workdir / "run.json"
-    info = json.loads(path.read_text())
-    info.update(fields)
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    RunDir(workdir).update_info(**fields)
 
 
 def _read_training_reports(data: Path):
     """The dataset's manifest and the reports of its training split."""
-    import pandas as pd
-
-    manifest = pd.read_parquet(data / "manifest.parquet")
-    reports = pd.read_parquet(data / "reports.parquet")
+    ds = DatasetDir.open(data)
+    manifest, reports = ds.manifest(), ds.reports()
     train_reports = reports[reports["report_id"].isin(manifest.loc[manifest["split"] == "train", "report_id"])]
     if len(train_reports) == 0:
         raise UsageError(f"--data {data}: the train split is empty")
@@ -98,7 +88,7 @@ def _vocabulary(own_dir: Path, config: ExperimentConfig, train_reports) -> list[
     from mmclinic.models.towers import preset_vocabulary
     from mmclinic.text.tokenizer import learn_vocabulary, load_vocabulary, save_vocabulary
 
-    vocab_path = own_dir / "vocab.txt"
+    vocab_path = RunDir(own_dir).vocab_path
     if vocab_path.is_file():
         return load_vocabulary(vocab_path)
     # A pretrained text tower brings its own vocabulary; the small BERT learns one.
@@ -110,9 +100,7 @@ def _vocabulary(own_dir: Path, config: ExperimentConfig, train_reports) -> list[
 
 def _latest_checkpoint(workdir: Path) -> str | None:
     """The newest checkpoint of the run (the chief's: every worker restores from it), or None."""
-    import tensorflow as tf
-
-    return tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    return RunDir(workdir).latest_checkpoint()
 
 
 def _cluster_task() -> tuple[bool, int]:
@@ -247,7 +235,7 @@ def _train(setup: RunSetup) -> TrainResult:
     negatives = split_negatives(setup.data, "train", tc.seed, kinds.table_kinds)
     latest = _latest_checkpoint(setup.workdir)
     step = TrainStep.build(config, len(vocab), setup.strategy, kinds, load_pretrained=latest is None)
-    checkpoints = _Checkpoints(step, setup.workdir / "checkpoints" if setup.chief else setup.own_dir / "checkpoints",
+    checkpoints = _Checkpoints(step, RunDir(setup.workdir if setup.chief else setup.own_dir).checkpoint_dir,
                                latest)
     lineage = _Lineage(setup, step, manifest, vocab, negatives)
     batches = _training_batches(setup, step, tokenizer, negatives, skip=checkpoints.step)
@@ -299,10 +287,10 @@ class _Lineage:
             })
         else:
             self.mlrun = NullRun()
-        self.manifest_sha = file_sha256(data / "manifest.parquet")
+        self.manifest_sha = file_sha256(DatasetDir(data).manifest_path)
         if setup.chief and not setup.resuming:
             self._log_start(step, manifest, vocab, negatives)
-        self.scalars = Scalars(workdir / "tensorboard" if setup.chief else None)
+        self.scalars = Scalars(RunDir(workdir).tensorboard_dir if setup.chief else None)
 
     def _log_start(self, step: TrainStep, manifest, vocab: list[str], negatives) -> None:
         """Parameters, dataset and files of a new run."""
@@ -323,9 +311,10 @@ class _Lineage:
                          | {"train.negatives.reports": len(negatives.report_ids),
                             "train.negatives.findings_source": negatives.findings_source})
         mlrun.log_dataset(data, setup.dataset_info.get("name", data.name), self.manifest_sha)
-        mlrun.log_artifact(workdir / "config.yaml")
-        if (data / "data_card.md").is_file():
-            mlrun.log_artifact(data / "data_card.md", "dataset")
+        mlrun.log_artifact(RunDir(workdir).config_path)
+        card = DatasetDir(data).data_card_path
+        if card.is_file():
+            mlrun.log_artifact(card, "dataset")
         for lock in ("requirements.lock", "requirements-minilm.lock"):
             path = Path(__file__).resolve().parent.parent.parent / lock
             if path.is_file():
@@ -407,7 +396,7 @@ class _Validation:
                  "laterality": r.laterality, "sex": r.sex, "age_band": r.age_band,
                  "report": (t[:80] + "...") if len(t) > 80 else t}
                 for r, t in zip(val.meta.itertuples(), val.texts)]
-        write_projector(workdir / "tensorboard", img, txt, rows, thumbs)
+        write_projector(RunDir(workdir).tensorboard_dir, img, txt, rows, thumbs)
 
 
 def _run(setup: RunSetup, step: TrainStep, batches: Iterator, *, checkpoints: _Checkpoints, lineage: _Lineage,
@@ -518,8 +507,8 @@ def _summary(config: ExperimentConfig, workdir: Path, start: int, done: int, sec
         lines.append("  validation      " + "  ".join(f"{k.removeprefix('val.')} {v:.3f}" for k, v in val.items()))
     if done < config.train.steps:
         lines.append("  stopped early   the same command with the same --workdir resumes")
-    lines += [f"  checkpoints     {workdir / 'checkpoints'}",
-              f"  tensorboard     tensorboard --logdir {workdir / 'tensorboard'}",
+    lines += [f"  checkpoints     {RunDir(workdir).checkpoint_dir}",
+              f"  tensorboard     tensorboard --logdir {RunDir(workdir).tensorboard_dir}",
               f"  mlflow          run {run_id} in {uri}   (mlflow ui --backend-store-uri {uri})"]
     if registered:
         lines.append(f"  model registry  {config.export.name} version {registered} (no alias until vetted and exported)")
