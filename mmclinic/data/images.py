@@ -26,6 +26,7 @@ ingest) and stops it after the time box (``decode_timeout=`` of the readers).
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 import struct
 import warnings
@@ -94,24 +95,120 @@ def _check_policy(frame_policy: str, *, single: bool = False) -> None:
         )
 
 
-def is_dicom(path: Path) -> bool:
+_GZIP_MAGIC = b"\x1f\x8b"
+_HEAD = 1024 + 132  # bytes looked at to recognise a dataset
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+                 b"US UT UV".split())
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_FIRST_GROUPS = (0x0002, 0x0008)  # a dataset without a preamble starts with its file meta or group 0008
+
+
+def _looks_like_dataset(head: bytes) -> bool:
+    """A DICOM dataset without the 128-byte preamble and 'DICM' marker (older exports, ACR-NEMA).
+
+    The first two elements must parse, in either byte order and explicit or implicit VR: the
+    first in group 0002 or 0008 with a length that ends inside ``head``, the second with a
+    larger tag. Text, PDF, ZIP and other bytes fail this at the first element.
+    """
+    for endian, vr_choices in (("<", (True, False)), (">", (True,))):
+        for explicit in vr_choices:
+            pos, last = 0, -1
+            for n in range(2):
+                if pos == len(head) and n == 1:
+                    return True  # a one-element dataset
+                if pos + 8 > len(head):
+                    break
+                group, elem = struct.unpack(endian + "HH", head[pos:pos + 4])
+                tag = group << 16 | elem
+                vr = head[pos + 4:pos + 6]
+                if explicit:
+                    if vr not in _VRS:
+                        break
+                    if vr in _LONG_VRS:
+                        if head[pos + 6:pos + 8] != b"\0\0" or pos + 12 > len(head):
+                            break
+                        length, size = struct.unpack(endian + "I", head[pos + 8:pos + 12])[0], 12
+                    else:
+                        length, size = struct.unpack(endian + "H", head[pos + 6:pos + 8])[0], 8
+                else:
+                    length, size = struct.unpack(endian + "I", head[pos + 4:pos + 8])[0], 8
+                if n == 0 and (group not in _FIRST_GROUPS or pos + size + length > len(head)):
+                    break
+                if n == 1:
+                    return tag > last
+                last, pos = tag, pos + size + length
+    return False
+
+
+def _gunzip(path: Path, limit: int, *, head: bool = False) -> bytes:
+    """The decompressed content of a gzip file, refused past ``limit`` bytes (gzip bombs).
+
+    ``head=True`` returns the first ``limit`` bytes instead, without error at the limit or at a
+    cut-off stream.
+    """
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    total = 0
     with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
+        while not inflater.eof and (chunk := fh.read(1 << 20)):
+            data = chunk
+            while data and not inflater.eof:
+                part = inflater.decompress(data, limit + 1 - total)
+                parts.append(part)
+                total += len(part)
+                if total > limit:
+                    if head:
+                        return b"".join(parts)[:limit]
+                    raise errors.PixelBudgetExceeded(
+                        f"{path.name}: gzip-compressed file decompresses to more than {limit} bytes (the pixel "
+                        f"budget plus {_HEADER_ALLOWANCE} bytes of header)"
+                    )
+                data = inflater.unconsumed_tail
+    if not inflater.eof and not head:
+        raise errors.TruncatedFile(f"{path.name}: the gzip stream ends before its end marker (truncated)")
+    return b"".join(parts)
+
+
+def _head(path: Path) -> tuple[bytes, bool]:
+    """(the first bytes of the content, whether the file is gzip-compressed); decompresses a head only."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEAD)
+    if not head.startswith(_GZIP_MAGIC):
+        return head, False
+    try:
+        return _gunzip(path, _HEAD, head=True), True
+    except (zlib.error, OSError):
+        return b"", True
+
+
+def _dicom_kind(head: bytes) -> str | None:
+    """'part10' (preamble and 'DICM'), 'bare' (a dataset without them) or None (not DICOM)."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "part10"
+    return "bare" if _looks_like_dataset(head) else None
+
+
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` holds DICOM: a Part 10 file (128-byte preamble and 'DICM'), a dataset without
+    them (older exports, ACR-NEMA), or either of these compressed with gzip."""
+    return _dicom_kind(_head(path)[0]) is not None
 
 
 def _sniff(path: Path) -> str:
     """'dicom' or 'raster'; typed errors for a missing file or unknown bytes."""
     if not path.is_file():
         raise errors.MissingImage(f"image file not found: {path.name}")
-    if is_dicom(path):
+    head, gzipped = _head(path)
+    if _dicom_kind(head):
         return "dicom"
-    with open(path, "rb") as fh:
-        magic = fh.read(8)
-    if magic.startswith((b"\x89PNG", b"\xff\xd8\xff")):
+    if gzipped:
+        if not head:
+            raise errors.CorruptImage(f"{path.name}: gzip-compressed file that cannot be decompressed")
+        raise errors.NotDicom(f"{path.name}: gzip-compressed file that does not hold DICOM")
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff")):
         return "raster"
     raise errors.NotDicom(
-        f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128) and not PNG or JPEG"
+        f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128, no dataset at byte 0) and not PNG or JPEG"
     )
 
 
@@ -246,12 +343,52 @@ def percentile_window(values: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> 
     return np.clip((values - a) / (b - a), 0.0, 1.0).astype(np.float32)
 
 
-def _check_inflated_size(path: Path, limit: int) -> None:
+@dataclasses.dataclass(frozen=True)
+class _DicomBytes:
+    """A DICOM file's dataset bytes: the file itself, or the decompressed content of a gzip file."""
+
+    path: Path
+    kind: str
+    """'part10' (preamble and 'DICM' marker) or 'bare' (the dataset from byte 0)."""
+    data: bytes | None = None
+    """The decompressed content of a gzip file; None when the bytes are the file's."""
+
+    def open(self) -> Any:
+        return io.BytesIO(self.data) if self.data is not None else open(self.path, "rb")
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else self.path.stat().st_size
+
+    @property
+    def meta_offset(self) -> int:
+        return 132 if self.kind == "part10" else 0
+
+
+def _dicom_bytes(path: Path, limit: int) -> _DicomBytes:
+    """Where the dataset of ``path`` is; NotDicom for bytes that are not DICOM (never force-read)."""
+    head, gzipped = _head(path)
+    data = None
+    if gzipped:
+        try:
+            data = _gunzip(path, limit)
+        except (zlib.error, OSError):
+            raise errors.CorruptImage(f"{path.name}: gzip-compressed file that cannot be decompressed") from None
+        head = data[:_HEAD]
+    kind = _dicom_kind(head)
+    if kind is None:
+        what = "gzip-compressed file that does not hold DICOM" if gzipped else \
+            "not a DICOM file (no 'DICM' marker at byte 128, no dataset at byte 0)"
+        raise errors.NotDicom(f"{path.name}: {what}")
+    return _DicomBytes(path, kind, data)
+
+
+def _check_inflated_size(source: _DicomBytes, limit: int) -> None:
     """A deflated dataset is inflated whole by the parser: bound its size first (zip bombs)."""
     from pydicom.filereader import _read_file_meta_info
 
-    with open(path, "rb") as fh:
-        fh.seek(132)
+    with source.open() as fh:
+        fh.seek(source.meta_offset)
         meta = _read_file_meta_info(fh)
         if str(meta.get("TransferSyntaxUID", "") or "") != DEFLATED:
             return
@@ -263,7 +400,7 @@ def _check_inflated_size(path: Path, limit: int) -> None:
                 total += len(inflater.decompress(data, step))
                 if total > limit:
                     raise errors.PixelBudgetExceeded(
-                        f"{path.name}: deflated dataset (TransferSyntaxUID {DEFLATED}) inflates to more "
+                        f"{source.path.name}: deflated dataset (TransferSyntaxUID {DEFLATED}) inflates to more "
                         f"than {limit} bytes (the pixel budget plus {_HEADER_ALLOWANCE} bytes of header)"
                     )
                 data = inflater.unconsumed_tail
@@ -273,11 +410,19 @@ def _check_inflated_size(path: Path, limit: int) -> None:
                 break
 
 
+_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
+
+
 def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> Any:
     """Parse a DICOM file's header, deferring large values (the pixel data) until needed.
 
-    Refuses files without the 'DICM' marker instead of forcing a read of arbitrary
-    bytes. A deflated dataset must inflate to less than ``pixel_budget`` plus 64 MiB.
+    Reads Part 10 files, datasets without the preamble and 'DICM' marker (older exports and
+    ACR-NEMA files: without file meta, the transfer syntax is the encoding the dataset was read
+    in), and either compressed with gzip. Bytes that do not parse as a dataset are refused
+    (``not_dicom``), never force-read. A gzip file must decompress, and a deflated dataset
+    inflate, to less than ``pixel_budget`` plus 64 MiB. A DICOMDIR (``dicomdir``) and objects
+    that are not images (``non_image_object``: structured reports, presentation states, RT
+    structures and plans, segmentations, waveforms, encapsulated documents) are refused here.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -285,30 +430,109 @@ def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) ->
     path = Path(path)
     if not path.is_file():
         raise errors.MissingImage(f"image file not found: {path.name}")
-    if not is_dicom(path):
-        raise errors.NotDicom(f"{path.name}: not a DICOM file (no 'DICM' marker at byte 128)")
+    limit = pixel_budget + _HEADER_ALLOWANCE
+    source = _dicom_bytes(path, limit)
     try:
-        _check_inflated_size(path, pixel_budget + _HEADER_ALLOWANCE)
+        _check_inflated_size(source, limit)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, defer_size="256 KB")
+            if source.data is None:
+                ds = pydicom.dcmread(path, defer_size="256 KB", force=source.kind == "bare")
+            else:
+                ds = pydicom.dcmread(io.BytesIO(source.data), force=source.kind == "bare")
     except errors.InputError:
         raise
     except InvalidDicomError:
         raise errors.NotDicom(f"{path.name}: not a valid DICOM file") from None
+    except RecursionError:
+        raise errors.CorruptImage(f"{path.name}: DICOM sequences nested too deeply to parse") from None
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
-            struct.error, zlib.error) as exc:
+            OverflowError, struct.error, zlib.error) as exc:
         raise errors.TruncatedFile(f"{path.name}: DICOM header cannot be parsed ({type(exc).__name__})") from None
     for warning in caught:
         # pydicom drops an element cut off by the end of the file with only a warning.
         if "End of file" in str(warning.message):
             raise errors.TruncatedFile(f"{path.name}: the file ends inside a data element (truncated)")
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    _check_lengths(ds, path)
+    if not ds.keys():
+        raise errors.NotDicom(f"{path.name}: not a valid DICOM file (no data elements)")
+    if source.kind == "bare" and not getattr(ds.file_meta, "TransferSyntaxUID", None):
+        implicit, little = ds.original_encoding  # ACR-NEMA: no file meta; the encoding pydicom read it in
+        ds.file_meta.TransferSyntaxUID = _IMPLICIT_LE if implicit else _EXPLICIT_LE if little else _EXPLICIT_BE
+    _check_lengths(ds, source)
+    _check_image_object(ds, path)
     return ds
 
 
-def _check_lengths(ds: Any, path: Path) -> None:
+_NON_IMAGE_CLASSES = (
+    # (SOP Class UID, or a prefix ending in '.', and what it is): PS3.4 Annex B.5, PS3.6 Annex A.
+    ("1.2.840.10008.5.1.4.1.1.88.59", "a key object selection"),
+    ("1.2.840.10008.5.1.4.1.1.88.", "a structured report"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "a presentation state"),
+    ("1.2.840.10008.5.1.4.1.1.481.2", "an RT dose grid"),
+    ("1.2.840.10008.5.1.4.1.1.481.3", "an RT structure set"),
+    ("1.2.840.10008.5.1.4.1.1.481.", "a radiotherapy plan or record"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data"),
+    ("1.2.840.10008.5.1.4.1.1.66.1", "a spatial registration"),
+    ("1.2.840.10008.5.1.4.1.1.66.2", "spatial fiducials"),
+    ("1.2.840.10008.5.1.4.1.1.66.3", "a deformable spatial registration"),
+    ("1.2.840.10008.5.1.4.1.1.66.", "a segmentation"),
+    ("1.2.840.10008.5.1.4.1.1.67", "a real world value mapping"),
+    ("1.2.840.10008.5.1.4.1.1.68.", "a surface scan"),
+    ("1.2.840.10008.5.1.4.1.1.9.", "a waveform"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "an encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.78.", "an ophthalmic measurement"),
+    ("1.2.840.10008.5.1.4.1.1.79.", "an ophthalmic measurement"),
+    ("1.2.840.10008.5.1.4.1.1.80.", "an ophthalmic measurement"),
+    ("1.2.840.10008.5.1.4.1.1.81.", "an ophthalmic measurement"),
+    ("1.2.840.10008.5.1.4.1.1.82.", "an ophthalmic measurement"),
+    ("1.2.840.10008.5.1.4.1.1.90.", "an assessment"),
+    ("1.2.840.10008.5.1.4.1.1.91.", "an annotation"),
+    ("1.2.840.10008.5.1.4.1.1.200.", "a protocol"),
+    ("1.2.840.10008.5.1.4.38.", "a hanging protocol"),
+    ("1.2.840.10008.5.1.4.39.", "a colour palette"),
+    ("1.2.840.10008.5.1.4.43.", "an implant template"),
+    ("1.2.840.10008.5.1.4.44.", "an implant template"),
+    ("1.2.840.10008.5.1.4.45.", "an implant template"),
+)
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+_IMAGE_CLASSES_AMONG_THEM = {"1.2.840.10008.5.1.4.1.1.481.1"}  # RT Image Storage
+
+
+def _sop_class(ds: Any) -> str:
+    for value in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)):
+        text = str(value or "").strip().rstrip("\0")
+        if text:
+            return text
+    return ""
+
+
+def _check_image_object(ds: Any, path: Path) -> None:
+    """Refuse a DICOMDIR and objects whose SOP class is not an image (PS3.4 Annex B.5)."""
+    try:
+        sop = _sop_class(ds)
+        directory = sop == _DICOMDIR_CLASS or "DirectoryRecordSequence" in ds
+    except Exception:  # noqa: BLE001 - an unparsable SOP class: the pixel checks decide
+        return
+    if directory:
+        raise errors.DicomDirectory(
+            f"{path.name}: a DICOMDIR (SOPClassUID {_DICOMDIR_CLASS}, Media Storage Directory Storage) lists other "
+            "files and holds no image; the files it lists are read only where they are part of the source"
+        )
+    if sop in _IMAGE_CLASSES_AMONG_THEM or not re.fullmatch(r"[0-9][0-9.]{0,63}", sop):
+        return
+    for prefix, what in _NON_IMAGE_CLASSES:
+        if sop == prefix or (prefix.endswith(".") and sop.startswith(prefix)):
+            from pydicom.uid import UID
+
+            name = UID(sop).name
+            named = f" ({name})" if name and name != sop else ""
+            raise errors.NonImageObject(
+                f"{path.name}: tag {_tag('SOPClassUID')} is {sop}{named}, {what}, not an image"
+            )
+
+
+def _check_lengths(ds: Any, source: _DicomBytes) -> None:
     """The pixel data or the last element running past the end of the file: truncated.
 
     pydicom accepts a short read of a value, or a cut element header, at the end of a file
@@ -316,9 +540,10 @@ def _check_lengths(ds: Any, path: Path) -> None:
     """
     from pydicom.datadict import keyword_for_tag
 
+    path = source.path
     if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) == DEFLATED:
         return  # offsets refer to the inflated stream
-    size = path.stat().st_size
+    size = source.size
     tags = list(ds.keys())
     candidates = [t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in ds] + tags[-1:]
     for tag in candidates:
@@ -331,7 +556,7 @@ def _check_lengths(ds: Any, path: Path) -> None:
     last = ds.get_item(tags[-1]) if tags else None
     tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
     if tell is not None and length is not None and length != 0xFFFFFFFF and 0 < size - (tell + length) < 8:
-        with open(path, "rb") as fh:  # fewer bytes than an element header left over: a cut header
+        with source.open() as fh:  # fewer bytes than an element header left over: a cut header
             fh.seek(tell + length)
             if fh.read().strip(b"\x00"):
                 raise errors.TruncatedFile(f"{path.name}: the file ends inside a data element header (truncated)")
@@ -360,6 +585,7 @@ def _transfer_syntax_text(uid: str) -> str:
 
 def _check_header(ds: Any, path: Path, pixel_budget: int) -> _Header:
     """Everything decidable from the header, checked before any pixel is decoded."""
+    _check_image_object(ds, path)
     tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not tsyntax:
         raise errors.UnsupportedTransferSyntax(f"{path.name}: missing tag {_tag('TransferSyntaxUID')}")
