@@ -6,12 +6,13 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from mmclinic.artifacts import DatasetDir
 from mmclinic.config import DataConfig
 from mmclinic.data import preprocess
 from mmclinic.data.negatives import NegativeTables
 from mmclinic.data.schema import (HAS_SIDE, IMAGE, NORM_KEY, PADDING_MASK, SWAPPED_IDS, SWAPPED_MASK, TEXT, TOKEN_IDS,
                                   BatchSchema, negative_features)
-from mmclinic.data.shards import STRING_FEATURES, shard_files
+from mmclinic.data.shards import STRING_FEATURES
 from mmclinic.errors import UsageError
 
 _FEATURES = {k: tf.io.FixedLenFeature([], tf.string) for k in (*STRING_FEATURES, "image_png")}
@@ -19,7 +20,7 @@ _FEATURES = {k: tf.io.FixedLenFeature([], tf.string) for k in (*STRING_FEATURES,
 
 def read_split(dataset: str | Path, split: str) -> tf.data.Dataset:
     """Parsed records of one split, in a stable order."""
-    files = shard_files(dataset, split)
+    files = DatasetDir(dataset).shard_files(split)
     if not files:
         raise UsageError(f"--data {dataset}: no shards for split '{split}' (is the split empty?)")
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE if len(files) > 1 else None)

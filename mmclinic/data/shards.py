@@ -79,7 +79,3 @@ def write_shards(dataset: Path, manifest: pd.DataFrame, reports: pd.DataFrame, s
                              for k in STRING_FEATURES}
                     feats["image_png"] = (dataset / r.path).read_bytes()
                     w.write(encode_example(feats))
-
-
-def shard_files(dataset: str | Path, split: str) -> list[str]:
-    return sorted(str(p) for p in (Path(dataset) / "shards").glob(f"{split}-*.tfrecord"))
