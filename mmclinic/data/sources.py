@@ -163,7 +163,50 @@ def _read_csv(path: Path, rel: str, required: list[str], quarantine: list[dict[s
 
 
 def _image_files(root: Path, skip: set[Path]) -> list[Path]:
+    """Files under ``root`` (symbolic links to files included; linked folders are not descended)."""
     return sorted(p for p in root.rglob("*") if p.is_file() and p not in skip and not p.name.startswith("."))
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def outside_source(path: Path, source: Path) -> str | None:
+    """Why ``path`` is not inside ``source`` once symbolic links are followed; None when it is."""
+    try:
+        real, top = path.resolve(), source.resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop
+        return "cannot be resolved (a loop of symbolic links)"
+    if real != top and not real.is_relative_to(top):
+        return "is a symbolic link that resolves outside the source folder"
+    return None
+
+
+def unsafe_path(value: str, base: Path, source: Path) -> str | None:
+    """Why the image path ``value`` that a table names must not be read, or None when it may.
+
+    ``value`` is relative to the folder ``base`` inside the ``source`` folder. Refused: an
+    absolute path (POSIX, a Windows drive or a UNC path), a NUL byte, ``..`` components that climb
+    out of ``base`` (``/`` and ``\\`` both count as separators), and a path whose real location
+    (symbolic links followed) is outside ``source``. The reason names no part of the path.
+    """
+    if "\0" in value:
+        return "contains a NUL byte"
+    if value.startswith(("/", "\\")) or _DRIVE.match(value) or Path(value).is_absolute():
+        return "is an absolute path (image paths must be relative to the source folder)"
+    depth = 0
+    for part in re.split(r"[/\\]", value):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "climbs out of its folder with '..'"
+        elif part not in ("", "."):
+            depth += 1
+    return outside_source(base / value, source)
+
+
+def _refuse_path(quarantine: list[dict[str, str]], where: str, message: str, kind: str = "image") -> None:
+    quarantine.append({"source_path": where, "reason_code": errors.UnsafePath.reason_code, "kind": kind,
+                       "message": message})
 
 
 def _sex(value: Any) -> str:
@@ -232,7 +275,14 @@ def scan_dicom(source: Path, **_: Any) -> SourceScan:
         rep.identities.update(v for v in (rep.patient_id, acc, uid) if v)
         reports.append(rep)
     tables = {reports_csv, source / "labels.csv"}
-    images = [ImageJob(path=p, rel=p.relative_to(source).as_posix()) for p in _image_files(source, tables)]
+    images = []
+    for p in _image_files(source, tables):
+        rel = p.relative_to(source).as_posix()
+        why = outside_source(p, source)
+        if why:
+            _refuse_path(quarantine, rel, f"{p.name}: {why}; it is not read")
+            continue
+        images.append(ImageJob(path=p, rel=rel))
     return SourceScan("dicom", images, reports, quarantine, ["reports.csv"] + (
         ["labels.csv"] if (source / "labels.csv").is_file() else []))
 
@@ -279,6 +329,10 @@ def scan_csv(source: Path, columns: CsvColumns = CsvColumns(), **_: Any) -> Sour
         study = (row.get(columns.study) or "").strip() if columns.study in row else ""
         problem = ("image", f"empty field {columns.image}") if not image else \
             ("patient", f"empty field {columns.patient}") if not patient else None
+        why = unsafe_path(image, root, root) if image else None
+        if why:
+            _refuse_path(quarantine, where, f"{where}: field {columns.image} {why}; it is not read")
+            continue
         if problem:
             quarantine.append({"source_path": where, "reason_code": "missing_patient" if problem[0] == "patient"
                                else "bad_input", "kind": "image", "message": f"{where}: {problem[1]}"})
@@ -294,8 +348,7 @@ def scan_csv(source: Path, columns: CsvColumns = CsvColumns(), **_: Any) -> Sour
                                "message": f"{where}: field {columns.text} differs from an earlier row of the "
                                           f"same {columns.study}"})
             continue
-        path = (root / image) if not Path(image).is_absolute() else Path(image)
-        images.append(ImageJob(path=path, rel=f"{table.name}:{row['_line']}", report_key=key, patient_id=patient,
+        images.append(ImageJob(path=root / image, rel=f"{table.name}:{row['_line']}", report_key=key, patient_id=patient,
                                study_id=study or where, image_uid=f"{table.name}:{image}",
                                source_split=reports[key].source_split))
     return SourceScan("csv", images, list(reports.values()), quarantine, [table.name])
@@ -362,6 +415,11 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
                                    "message": f"{where}: not UTF-8 JSON of an object with fields image and U_id"})
                 continue
             name, case_id = str(obj["image"]), str(obj["U_id"])
+            why = unsafe_path(f"{name}.png", image_dir, source)
+            if why:
+                referenced.add(image_dir / f"{name}.png")  # accounted for by this refusal
+                _refuse_path(quarantine, where, f"{where}: field image {why}; it is not read")
+                continue
             desc = obj.get("Description") or {}
             case = cases.get(case_id, {})
             case_seen.add(case_id)
@@ -390,6 +448,10 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
                 quarantine.append({"source_path": case["_where"], "reason_code": "missing_image", "kind": "report",
                                    "message": f"{case['_where']}: case has no image in descriptions_{split}.jsonl"})
     for path in _image_files(image_dir, referenced):
+        why = outside_source(path, source)
+        if why:
+            _refuse_path(quarantine, path.relative_to(source).as_posix(), f"{path.name}: {why}; it is not read")
+            continue
         quarantine.append({"source_path": path.relative_to(source).as_posix(), "reason_code": "missing_report",
                            "kind": "image", "message": f"{path.name}: not listed in any descriptions_*.jsonl"})
     return SourceScan("medpix2", images, reports, quarantine, tables, default_text_policy="caption",
@@ -445,6 +507,10 @@ def scan_iu_xray(source: Path, image_dir: str | None = None, **_: Any) -> Source
             quarantine.append({"source_path": where, "reason_code": "missing_report", "kind": "image",
                                "message": f"{where}: field uid has no row in indiana_reports.csv"})
             continue
+        why = unsafe_path(fname, folder or source / "images", source)
+        if why:
+            _refuse_path(quarantine, where, f"{where}: field filename {why}; it is not read")
+            continue
         view = (row.get("projection") or "").strip().upper() or "UNKNOWN"
         images.append(ImageJob(path=(folder or source / "images") / fname, rel=where, report_key=uid,
                                patient_id=uid, study_id=uid, image_uid=fname, labels=by_uid[uid].labels,
@@ -476,6 +542,10 @@ def scan_mimic_cxr(source: Path, **_: Any) -> SourceScan:
             study = report.stem
             rel = report.relative_to(source).as_posix()
             accounted.add(report)
+            why = outside_source(report, source)
+            if why:
+                _refuse_path(quarantine, rel, f"{report.name}: {why}; it is not read", "report")
+                continue
             if not _MIMIC_STUDY.match(study):
                 quarantine.append({"source_path": rel, "reason_code": "bad_input", "kind": "report",
                                    "message": f"{report.name}: not named sYYYYYYYY.txt"})
@@ -492,13 +562,21 @@ def scan_mimic_cxr(source: Path, **_: Any) -> SourceScan:
         for study_dir in sorted(p for p in patient_dir.iterdir() if p.is_dir() and _MIMIC_STUDY.match(p.name)):
             for f in _image_files(study_dir, set()):
                 accounted.add(f)
+                why = outside_source(f, source)
+                if why:
+                    _refuse_path(quarantine, f.relative_to(source).as_posix(), f"{f.name}: {why}; it is not read")
+                    continue
                 images.append(ImageJob(path=f, rel=f.relative_to(source).as_posix(),
                                        report_key=f"{patient_dir.name}/{study_dir.name}", patient_id=patient_dir.name,
                                        study_id=study_dir.name, image_uid=f.stem))
     if not reports and not images:
         raise errors.UsageError(f"SOURCE {source.name}: no pNN/pXXXXXXXX/sYYYYYYYY folders (mimic-cxr layout)")
     for f in _image_files(root, accounted):
-        if f.suffix.lower() in (".dcm", ".jpg", ".jpeg", ".png", ".txt"):
+        if f.suffix.lower() not in (".dcm", ".jpg", ".jpeg", ".png", ".txt"):
+            continue
+        if why := outside_source(f, source):
+            _refuse_path(quarantine, f.relative_to(source).as_posix(), f"{f.name}: {why}; it is not read")
+        else:
             quarantine.append({"source_path": f.relative_to(source).as_posix(), "reason_code": "bad_input",
                                "kind": "image", "message": f"{f.name}: outside the pNN/pXXXXXXXX/sYYYYYYYY layout"})
     return SourceScan("mimic-cxr", images, reports, quarantine, [],
