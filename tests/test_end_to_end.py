@@ -170,33 +170,12 @@ def test_export_refuses_an_unvetted_run(dataset, tmp_path):
     assert json.loads((run / "vetting.json").read_text())["checks"]["mismatch_auroc"]["passed"] is False
 
 
-def test_demo_cli_end_to_end(tmp_path):
-    """`mmclinic demo` with the tiny experiment: every stage runs and writes its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmclinic.cli", "demo", "--workdir", str(tmp_path / "demo"), "--patients", "40",
-         "--experiment", str(REPO / "experiments" / "tiny.yaml"), "--set", "train.steps=120",
-         "--set", "data.deterministic=true",
-         # This test is about the command's plumbing; learning is asserted by the tests above, and
-         # 120 tiny steps on 40 patients sit too close to chance for the quality gates.
-         "--set", "export.min_recall5_over_chance=0.0", "--set", "export.min_mismatch_auroc=0.0"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    outputs = json.loads((tmp_path / "demo" / "demo_outputs.json").read_text())
-    assert (tmp_path / "demo" / "REPORT.json").is_file() and "mlflow ui" in proc.stdout
-    assert list((tmp_path / "demo" / "models" / "mmclinic-demo").glob("1/saved_model.pb"))
+def test_demo_cli_end_to_end(demo_run):
+    """`mmclinic demo` with the tiny experiment: every stage runs and writes its output (the notebooks
+    run against the same outputs in tests/test_notebooks.py)."""
+    assert demo_run.returncode == 0, demo_run.stdout[-3000:] + demo_run.stderr[-3000:]
+    demo = demo_run.workdir
+    outputs = json.loads((demo / "demo_outputs.json").read_text())
+    assert (demo / "REPORT.json").is_file() and "mlflow ui" in demo_run.stdout
+    assert list((demo / "models" / "mmclinic-demo").glob("1/saved_model.pb"))
     assert outputs["scores_db"].startswith("sqlite:///")
-
-    # The failure-analysis notebook runs against the demo's outputs.
-    import os
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(REPO / "notebooks" / "failure_cases.ipynb", as_version=4)
-    os.environ["MMCLINIC_DEMO_DIR"] = str(tmp_path / "demo")
-    try:
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    finally:
-        os.environ.pop("MMCLINIC_DEMO_DIR", None)
-    assert "rank" in str(nb.cells[-1].outputs)
