@@ -101,20 +101,23 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _subplots(figsize: tuple[float, float]):
+    """A figure outside pyplot (no backend switch: a notebook keeps its inline plots)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
 def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, bytes]:
     """ROC, precision-recall, recall@K and reliability plots as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out: dict[str, bytes] = {}
     labels, score, kinds = details["labels"], details["mismatch_score"], details["cset"].kind
     groups = [("all corruptions", np.ones(len(labels), bool))] + [
         (k, (kinds == "match") | (kinds == k)) for k in sorted(set(kinds) - {"match"})]
     for name, points, xl, yl in (("roc", metrics.roc_points, "false-positive rate", "true-positive rate"),
                                  ("pr", metrics.pr_points, "recall", "precision")):
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        fig, ax = _subplots((5.5, 4.5))
         for label, m in groups:
             pts = points(labels[m], score[m])
             if pts is not None:
@@ -127,7 +130,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
         ax.legend(fontsize=7, loc="lower right" if name == "roc" else "lower left")
         out[name] = figure_png(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _subplots((5.5, 4.5))
     for key, label in (("i2t", "image→text"), ("t2i", "text→image"), ("i2t_dedup", "image→text (dedup)"),
                        ("t2i_dedup", "text→image (dedup)")):
         r = details[key]
@@ -141,7 +144,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
     out["recall_at_k"] = figure_png(fig)
 
     cal = report["calibration"]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _subplots((5, 5))
     ax.plot([0, 1], [0, 1], ls=":", c="grey", label="perfect calibration")
     for rel, label in ((cal["reliability"], f"raw (ECE {fmt(cal['ece'], 3).split(' ')[0]})"),
                        (cal.get("temperature_scaling", {}).get("reliability"),
