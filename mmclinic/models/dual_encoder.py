@@ -28,7 +28,8 @@ class DualEncoder(keras.Model):
                  text_layers: int = 2, text_hidden: int = 64, text_heads: int = 2, text_intermediate: int = 128,
                  embed_dim: int = 64, init_temperature: float = 0.07, dropout: float = 0.0,
                  text_tower: str = "small_bert", text_preset: str | None = None, text_pooling: str = "mean",
-                 load_pretrained: bool = True, **kwargs: Any) -> None:
+                 image_checkpoint: str | None = None, text_checkpoint: str | None = None,
+                 dual_checkpoint: str | None = None, load_pretrained: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if text_pooling not in ("mean", "cls"):
             raise UsageError(f"model.text_pooling must be 'mean' or 'cls', got {text_pooling!r}")
@@ -38,21 +39,37 @@ class DualEncoder(keras.Model):
             text_hidden=text_hidden, text_heads=text_heads, text_intermediate=text_intermediate,
             embed_dim=embed_dim, init_temperature=init_temperature, dropout=dropout,
             text_tower=text_tower, text_preset=text_preset, text_pooling=text_pooling,
+            image_checkpoint=image_checkpoint, text_checkpoint=text_checkpoint, dual_checkpoint=dual_checkpoint,
         )
-        self.image_backbone = build_image_tower(image_tower, image_size, tuple(image_widths), image_weights)
-        # Pretrained text weights come from the checkpoint folder; a reload (from_config) takes
-        # them from the saved file instead.
-        self.text_backbone = build_text_tower(vocab_size, text_layers, text_hidden, text_heads,
-                                              text_intermediate, max_length, dropout, tower=text_tower,
-                                              preset=text_preset, load_weights=load_pretrained)
+        scale, bias = math.log(1 / init_temperature), -10.0
+        # Pretrained weights come from the checkpoint folders; a reload (from_config, with
+        # load_pretrained=False) builds the same architecture and takes them from the saved file.
+        if dual_checkpoint:
+            preset = _dual_preset(dual_checkpoint, image_size, max_length, load_pretrained)
+            self.image_backbone, self.text_backbone = preset.image_encoder, preset.text_encoder
+            # Both towers already end in the shared space (SigLIP's attention-pooling head, its text
+            # head): no new projection, and the checkpoint's own logit scale and bias.
+            embed_dim = int(self.image_backbone.output_shape[-1])
+            self.image_proj = keras.layers.Identity(name="image_proj")
+            self.text_proj = keras.layers.Identity(name="text_proj")
+            scale, bias = preset.logit_scale, preset.logit_bias
+        else:
+            self.image_backbone = build_image_tower(image_tower, image_size, tuple(image_widths), image_weights,
+                                                    checkpoint=image_checkpoint, load_weights=load_pretrained)
+            self.text_backbone = build_text_tower(vocab_size, text_layers, text_hidden, text_heads,
+                                                  text_intermediate, max_length, dropout, tower=text_tower,
+                                                  preset=text_preset, load_weights=load_pretrained,
+                                                  checkpoint=text_checkpoint)
+            self.image_proj = keras.layers.Dense(embed_dim, name="image_proj")
+            self.text_proj = keras.layers.Dense(embed_dim, name="text_proj")
+        self.embed_dim = embed_dim
+        self.text_pooled = not hasattr(self.text_backbone, "segment_embedding")  # SigLIP text: pooled output only
         self.text_pooling = text_pooling
-        self.image_proj = keras.layers.Dense(embed_dim, name="image_proj")
-        self.text_proj = keras.layers.Dense(embed_dim, name="text_proj")
         self.match_hidden = keras.layers.Dense(embed_dim, activation="gelu", name="match_hidden")
         self.match_out = keras.layers.Dense(1, name="match_out")
         self.logit_scale = self.add_weight(
-            name="logit_scale", shape=(), initializer=keras.initializers.Constant(math.log(1 / init_temperature)))
-        self.logit_bias = self.add_weight(name="logit_bias", shape=(), initializer=keras.initializers.Constant(-10.0))
+            name="logit_scale", shape=(), initializer=keras.initializers.Constant(scale))
+        self.logit_bias = self.add_weight(name="logit_bias", shape=(), initializer=keras.initializers.Constant(bias))
         # The match logit starts from the (affinely rescaled) cosine similarity that contrastive
         # training shapes, and the head learns what similarity misses (e.g. swapped sides).
         self.match_scale = self.add_weight(name="match_scale", shape=(), initializer=keras.initializers.Constant(10.0))
@@ -65,6 +82,11 @@ class DualEncoder(keras.Model):
         return _l2_normalize(ops.cast(self.image_proj(feats), "float32"))
 
     def encode_text(self, token_ids: Any, padding_mask: Any, training: bool = False) -> Any:
+        if self.text_pooled:
+            # SigLIP's text tower: exactly its own length, attends to the padding as it was trained,
+            # its head on the last position.
+            pooled = self.text_backbone({"token_ids": token_ids}, training=training)
+            return _l2_normalize(ops.cast(self.text_proj(pooled), "float32"))
         out = self.text_backbone({"token_ids": token_ids, "segment_ids": ops.zeros_like(token_ids),
                                   "padding_mask": padding_mask}, training=training)
         seq = out["sequence_output"]
@@ -74,6 +96,12 @@ class DualEncoder(keras.Model):
             mask = ops.cast(ops.expand_dims(padding_mask, -1), seq.dtype)
             pooled = ops.sum(seq * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
         return _l2_normalize(ops.cast(self.text_proj(pooled), "float32"))
+
+    def contrastive_logits(self, image_emb: Any, text_emb: Any) -> Any:
+        """(B_img, D), (B_txt, D) unit embeddings -> (B_img, B_txt) ``exp(logit_scale) * cos +
+        logit_bias``: SigLIP's logits (with a dual checkpoint, untrained, the checkpoint's own)."""
+        cos = ops.matmul(ops.cast(image_emb, "float32"), ops.transpose(ops.cast(text_emb, "float32")))
+        return ops.exp(self.logit_scale) * cos + self.logit_bias
 
     def match_logits(self, image_emb: Any, text_emb: Any) -> Any:
         """(B, D), (B, D) -> (B,) logit that the report belongs with the image."""
@@ -157,6 +185,21 @@ class DualEncoder(keras.Model):
         self.build()
 
 
+def _dual_preset(folder: str, image_size: int, max_length: int, load_weights: bool) -> Any:
+    from mmclinic.models.checkpoints import load_dual_encoder
+
+    preset = load_dual_encoder(folder, load_weights=load_weights)
+    if preset.image.image_size != image_size:
+        raise UsageError(f"model.dual_checkpoint: checkpoint folder {preset.info.folder}: its images are "
+                         f"{preset.image.image_size} px but the model's image size is {image_size}; "
+                         f"set data.image_size: {preset.image.image_size}")
+    if preset.text.model_max_length != max_length:
+        raise UsageError(f"model.dual_checkpoint: checkpoint folder {preset.info.folder}: SigLIP's text tower "
+                         f"takes exactly {preset.text.model_max_length} tokens but the model's max_length is "
+                         f"{max_length}; set data.max_length: {preset.text.model_max_length}")
+    return preset
+
+
 def _l2_normalize(x: Any) -> Any:
     return x / ops.sqrt(ops.maximum(ops.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
@@ -174,4 +217,5 @@ def from_model_config(model_cfg: Any, image_size: int, max_length: int, vocab_si
         text_intermediate=model_cfg.text_intermediate, embed_dim=model_cfg.embed_dim,
         init_temperature=model_cfg.init_temperature, dropout=model_cfg.dropout,
         text_tower=model_cfg.text_tower, text_preset=model_cfg.text_preset, text_pooling=model_cfg.text_pooling,
-        load_pretrained=load_pretrained)
+        image_checkpoint=model_cfg.image_checkpoint, text_checkpoint=model_cfg.text_checkpoint,
+        dual_checkpoint=model_cfg.dual_checkpoint, load_pretrained=load_pretrained)
