@@ -65,7 +65,7 @@ def test_failure_cases_notebook_and_tags_slice(demo, tmp_path):
 
 def test_compare_runs_notebook(demo, tmp_path):
     nb = _execute("03_compare_runs.ipynb", tmp_path, DEMO_DIR=str(demo), VARIANT_DIR=str(tmp_path / "variant"),
-                  VARIANT_OVERRIDES=["train.steps=20"], BOOT=50)
+                  VARIANT_STEPS=20, BOOT=50)
     assert "image_to_text.R@5" in _text(nb)
 
 
