@@ -12,6 +12,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mmclinic.artifacts import DatasetDir
+
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -112,7 +114,7 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
                          **(duplicates or {})},
         "options": {k: (v if not isinstance(v, dict) else dict(v)) for k, v in options.items()
                     if k != "split_ratios"},
-        "manifest_sha256": file_sha256(dataset / "manifest.parquet"),
+        "manifest_sha256": file_sha256(DatasetDir(dataset).manifest_path),
     }
     limitations = [
         "Report de-identification is rule-based plus the identities held in the archive's own headers and "
@@ -135,7 +137,7 @@ clinical decisions.
 
 ## Known limitations
 """ + "".join(f"- {x}\n" for x in limitations)
-    path = dataset / "data_card.md"
+    path = DatasetDir(dataset).data_card_path
     path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
     return path
 

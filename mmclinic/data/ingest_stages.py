@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from mmclinic import errors
+from mmclinic.artifacts import DatasetDir
 from mmclinic.data import cards, shards, splits
 from mmclinic.data.decode_pool import NAME_TAGS
 from mmclinic.data.sources import SCANNERS, CsvColumns, ImageJob, ReportRow, SourceScan
@@ -513,13 +514,14 @@ def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, report
     input is accepted or quarantined, then swap the workspace in as ``out`` (and copy the data card
     into the repository's ``data_cards/`` when run from its root)."""
     tmp = ws.root
-    tables.manifest.to_parquet(tmp / "manifest.parquet", index=False)
-    tables.reports.to_parquet(tmp / "reports.parquet", index=False)
+    layout = DatasetDir(tmp)  # the folder's file names are defined once, in DatasetDir
+    tables.manifest.to_parquet(layout.manifest_path, index=False)
+    tables.reports.to_parquet(layout.reports_path, index=False)
     release_memory()
     if len(tables.unpaired):
         tables.unpaired.to_parquet(tmp / "unpaired_images.parquet", index=False)
     qdf = quarantine_table(scan, pairing, reports, rows)
-    qdf.to_csv(tmp / "quarantine.csv", index=False)
+    qdf.to_csv(layout.quarantine_path, index=False)
     q_images, q_reports = int((qdf["kind"] == "image").sum()), int((qdf["kind"] == "report").sum())
     if rows.accepted_inputs + q_images != scan.image_inputs or len(reports.records) + q_reports != scan.report_inputs:
         raise errors.MmclinicError("internal accounting error: accepted + quarantined != inputs")
@@ -534,11 +536,11 @@ def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, report
                     "groups_spanning_patients": groups.n_multi_patient, "moved_by_source_policy": tables.moved},
         unpaired_images=len(tables.unpaired), provenance=scan.source.provenance,
     )
-    (tmp / "dataset.json").write_text(json.dumps({"version": version, "format": scan.format, "name": out.name,
+    layout.info_path.write_text(json.dumps({"version": version, "format": scan.format, "name": out.name,
                                                   "text": model_text_mod.TextConfig(scan.text_policy).to_dict()},
                                                  indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    cards.copy_into_repository(out / "data_card.md", out.name)
+    cards.copy_into_repository(DatasetDir(out).data_card_path, out.name)
     return Written(dataset=out, version=version, quarantined=len(qdf))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmclinic.artifacts import DatasetDir
+
 STRING_FEATURES = ("image_id", "patient_key", "study_key", "report_id", "view", "laterality", "modality",
                    "sex", "age_band", "manufacturer", "text")
 
@@ -65,7 +67,7 @@ class TFRecordWriter:
 
 def write_shards(dataset: Path, manifest: pd.DataFrame, reports: pd.DataFrame, shard_size: int = 256) -> None:
     """Write ``dataset/shards/{split}-NNNNN-of-MMMMM.tfrecord``."""
-    out = dataset / "shards"
+    out = DatasetDir(dataset).shards_dir
     out.mkdir(parents=True, exist_ok=True)
     texts = dict(zip(reports["report_id"], reports["text"])) if len(reports) else {}
     for split, rows in manifest.groupby("split", sort=True):
