@@ -107,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--db", default="sqlite:///scores.db", metavar="URL")
     s.add_argument("--split", default="test", help="train, val, test or all (with --data)")
 
+    s = sub.add_parser("review", help="a page for the review queue score fills; CSV export/import of decisions")
+    s.add_argument("db", metavar="DB", help="the scores database: an SQLAlchemy URL or an SQLite file")
+    s.add_argument("--port", type=int, default=8502)
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    s.add_argument("--reviewer", default="", help="name recorded with the decisions (the page asks otherwise)")
+    s.add_argument("--export", metavar="CSV", help="write the decisions (pair_id, status, reviewer, note) and exit")
+    s.add_argument("--import", dest="import_csv", metavar="CSV", help="record the decisions of a CSV and exit")
+
     s = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> export -> score")
     s.add_argument("--workdir", default="demo_run", metavar="DIR")
     s.add_argument("--patients", type=int, default=80)
@@ -183,6 +191,20 @@ def _run(args: argparse.Namespace) -> int:
 
         r = score(args.model_dir, data=args.data, input_csv=args.input, db=args.db, split=args.split)
         print(f"scored {r.pairs} pairs ({r.failed} unreadable), {r.flagged} flagged; run {r.scoring_run_id} in {r.db}")
+    elif args.command == "review":
+        from mmclinic.serve import review_queue
+
+        if args.export or args.import_csv:
+            if args.import_csv:
+                n = review_queue.import_csv(args.db, args.import_csv)
+                print(f"recorded {n} decisions from {args.import_csv}")
+            if args.export:
+                n = review_queue.export_csv(args.db, args.export)
+                print(f"wrote {n} decisions to {args.export}")
+        else:
+            from mmclinic.serve.review import serve_review
+
+            serve_review(args.db, args.host, args.port, args.reviewer)
     elif args.command == "demo":
         from mmclinic.demo import run_demo
 

@@ -148,5 +148,11 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
     except sa.exc.SQLAlchemyError as exc:
         # The driver's message can echo the URL (with a password) or row values: name the type only.
         raise MmclinicError(f"--db: cannot write the scores ({type(exc).__name__})") from None
+    from mmclinic.serve.review_queue import enqueue  # the flagged pairs go to review (mmclinic review)
+
+    enqueue(engine, scoring_run_id=run_id, model_name=model.name, model_version=model.version, threshold=threshold,
+            origin=f"dataset:{Path(data).resolve()}" if data is not None else f"csv:{Path(input_csv).resolve()}",
+            pair_ids=ids, report_ids=rids, scores=mismatch.tolist(), match_scores=match.tolist(),
+            flagged=flagged.tolist())
     return ScoreResult(scoring_run_id=run_id, pairs=len(ids), flagged=int(flagged.sum()),
                        failed=int(sum(e is not None for e in errs)), db=db)
