@@ -198,6 +198,8 @@ class ExportConfig:
     """Image-to-text R@5 must exceed this multiple of the chance level."""
     min_mismatch_auroc: float = 0.55
     max_reload_difference: float = 1e-4
+    max_quantization_drop: float = 0.02
+    """A TFLite (float16/int8) tower is refused when test-split R@5 or mismatch AUROC drops by more."""
 
 
 @dataclasses.dataclass(frozen=True)
