@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import http.client
 import io
 import json
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -34,12 +36,10 @@ def server(model_base):
     from mmclinic.serve.server import make_http_server
 
     log = io.StringIO()
-    httpd = make_http_server(model_base, "127.0.0.1", 0, max_batch=4, max_body_mb=0.5, log=log)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    yield httpd, log
-    httpd.shutdown()
-    httpd.server_close()
+    httpd = make_http_server(model_base, "127.0.0.1", 0, max_batch=4, max_body_mb=0.5, log=log,
+                             max_batch_size=3, batch_timeout_ms=5, poll_seconds=0)
+    with httpd:  # started in a thread; stopped (in-flight requests finished) and closed on exit
+        yield httpd, log
 
 
 def _call(httpd, method, path, body=None, conn=None):
@@ -189,3 +189,153 @@ def test_serve_cli_refuses_a_folder_without_models(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmclinic.cli", "serve", str(tmp_path), "--port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "label 'stable' must name an exported version" in proc.stderr
+
+
+def _rows(pngs, texts):
+    return {"instances": [{"image_bytes": {"b64": base64.b64encode(p).decode()}, "report_text": t}
+                          for p, t in zip(pngs, texts)]}
+
+
+def _metric(text, prefix):
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix))
+
+
+def test_dynamic_batching_merges_concurrent_requests_and_isolates_bad_ones(server, exported_model, dataset):
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    httpd, log = server
+    pngs = [_png(dataset, i) for i in range(6)]
+    texts = [f"Finding number {i}: small left pleural effusion." for i in range(6)]
+    want = tf.saved_model.load(str(exported_model.path)).signatures["serving_default"](
+        image_bytes=tf.constant(pngs), report_text=tf.constant(texts))["match_score"].numpy()
+    bad = {"instances": [{"image_bytes": {"b64": base64.b64encode(PLANTED.encode()).decode()},
+                          "report_text": PLANTED}]}
+    results: dict[int, tuple[int, object]] = {}
+
+    def client(i):
+        body = bad if i >= 6 else _rows([pngs[i]], [texts[i]])
+        results[i] = _call(httpd, "POST", "/v1/models/tiny:predict", body)
+
+    _, before = _call(httpd, "GET", "/metrics")
+    for _ in range(3):  # concurrent rounds: some requests share a model call
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i in range(6):
+            code, out = results[i]
+            assert code == 200, out
+            np.testing.assert_allclose(out["predictions"][0]["match_score"], want[i], rtol=1e-4, atol=1e-5)
+        for i in (6, 7):  # the undecodable image fails its own request only
+            code, out = results[i]
+            assert code == 400 and "cannot run on these inputs" in out["error"] and "Zebediah" not in json.dumps(out)
+    _, after = _call(httpd, "GET", "/metrics")
+    merged = 'mmclinic_serve_batch_requests_sum{model="tiny",signature="serving_default"}'
+    calls = 'mmclinic_serve_batch_requests_count{model="tiny",signature="serving_default"}'
+    assert _metric(after, merged) - _metric(before, merged) >= 18  # every good request went through a model call
+    assert _metric(after, calls) - _metric(before, calls) < _metric(after, merged) - _metric(before, merged)
+    assert 'mmclinic_serve_batch_size_bucket{le="4.0",model="tiny",signature="serving_default"}' in after
+    # A request larger than a batch (4 > max_batch_size 3, within --max-batch 4) runs as a call of its own.
+    code, out = _call(httpd, "POST", "/v1/models/tiny:predict", _rows(pngs[:4], texts[:4]))
+    assert code == 200 and np.allclose([p["match_score"] for p in out["predictions"]], want[:4], atol=1e-5)
+    assert "Zebediah" not in log.getvalue()
+
+
+def test_more_bad_input_keeps_the_server_up(server, dataset):
+    import socket
+
+    httpd, log = server
+    img = {"b64": base64.b64encode(_png(dataset)).decode()}
+    code, out = _call(httpd, "POST", "/v1/models/tiny:predict", {"instances": [{"image_bytes": img,
+                                                                                "report_text": "  "}]})
+    assert code == 400 and "report_text[0] is empty" in out["error"]
+    code, out = _call(httpd, "POST", "/v1/models/tiny:predict",
+                      {"instances": [{"image_bytes": img, "report_txt": PLANTED}]})
+    assert code == 400 and "missing input(s) report_text; unknown input(s) report_txt" in out["error"]
+    assert "Zebediah" not in json.dumps(out)
+    # A chunked body (no Content-Length) is refused as soon as it passes the limit.
+    conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
+    conn.request("POST", "/v1/models/tiny:predict", body=iter([PLANTED.encode() * 4096] * 8),
+                 encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 413 and "Zebediah" not in resp.read().decode()
+    conn.close()
+    # Clients that go away mid-request, or send garbage, cost nothing but their own connection.
+    host, port = httpd.server_address[:2]
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
+                  + PLANTED.encode())
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01 not http at all " + PLANTED.encode() + b"\r\n\r\n")
+        s.recv(1024)  # the server answers 400 or closes; either way it stays up
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")
+    assert _call(httpd, "GET", "/healthz")[0] == 200
+    assert "Zebediah" not in log.getvalue() and "99887766" not in log.getvalue()
+
+
+@pytest.fixture()
+def hot_base(exported_model, tmp_path):
+    base = tmp_path / "models"
+    shutil.copytree(exported_model.path.parent, base / "tiny")
+    return base
+
+
+def test_new_versions_are_hot_loaded_without_failing_requests(hot_base, dataset):
+    from mmclinic.serve.server import make_http_server
+
+    log = io.StringIO()
+    folder = hot_base / "tiny"
+    body = _rows([_png(dataset)], ["Clear lungs."])
+    with make_http_server(hot_base, "127.0.0.1", 0, log=log, poll_seconds=0.2) as httpd:
+        codes: list[int] = []
+        stop = threading.Event()
+
+        def load():  # requests keep arriving while versions come and go (bounded: 60 s)
+            conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                codes.append(_call(httpd, "POST", "/v1/models/tiny:predict", body, conn)[0])
+            conn.close()
+
+        clients = [threading.Thread(target=load) for _ in range(2)]
+        for t in clients:
+            t.start()
+
+        def wait_for(versions, seconds=60):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if _call(httpd, "GET", "/healthz")[1]["models"]["tiny"] == versions:
+                    return True
+                time.sleep(0.1)
+            return False
+
+        # Half-written versions are never served: export's hidden .incoming-N, a folder without saved_model.pb.
+        shutil.copytree(folder / "1", folder / ".incoming-2")
+        (folder / "3").mkdir()
+        (folder / "3" / "variables").mkdir()
+        time.sleep(1.0)
+        assert _call(httpd, "GET", "/healthz")[1]["models"]["tiny"] == [1]
+        # Export's rename makes version 2 complete: it is loaded, then swapped in; version 1 goes.
+        (folder / ".incoming-2").rename(folder / "2")
+        assert wait_for([2])
+        # A label keeps version 1 served beside the latest.
+        (folder / "version_labels.json").write_text(json.dumps({"stable": 1, "canary": 2}))
+        assert wait_for([1, 2])
+        code, st = _call(httpd, "GET", "/v1/models/tiny/labels/canary")
+        assert code == 200 and [s["version"] for s in st["model_version_status"]] == ["2"]
+        # A version that cannot be loaded is logged and skipped; what was served stays served.
+        shutil.copytree(folder / "2", folder / "4")
+        (folder / "4" / "saved_model.pb").write_bytes(b"not a SavedModel")
+        time.sleep(1.0)
+        assert _call(httpd, "GET", "/healthz")[1]["models"]["tiny"] == [1, 2]
+        stop.set()
+        for t in clients:
+            t.join(90)
+        _, metrics = _call(httpd, "GET", "/metrics")
+    assert codes and set(codes) == {200}, dict(collections.Counter(codes))
+    assert "loaded tiny version 2" in log.getvalue() and "unloaded tiny version 1" in log.getvalue()
+    assert "not loaded:" in log.getvalue() and "/4: cannot be loaded as a SavedModel" in log.getvalue()
+    assert 'mmclinic_serve_model_loads_total{model="tiny",outcome="failed"} 1.0' in metrics
