@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
 #   docker build --target train -t mmclinic:train .
-#   docker build --target serve --build-arg MODEL_DIR=demo_run/models/mmclinic-demo -t mmclinic:serve .
+#   docker build --target serve --build-arg MODEL_BASE=demo_run/models -t mmclinic:serve .
 # The train image installs exactly the pinned, hash-checked lock the Makefile uses.
 
 FROM python:3.11-slim AS train
@@ -28,11 +28,20 @@ WORKDIR /work
 ENTRYPOINT ["mmclinic"]
 CMD ["--help"]
 
-# Serving: TensorFlow Serving's official image (it links the TF-Text ops the
-# exported graph uses) with one exported model, MODEL_BASE/NAME/VERSION/.
-FROM tensorflow/serving:2.19.0 AS serve
-ARG MODEL_DIR=models/mmclinic
-ARG MODEL_NAME=mmclinic
-ENV MODEL_NAME=${MODEL_NAME}
-COPY ${MODEL_DIR} /models/${MODEL_NAME}
+# Serving: TensorFlow Serving's official image (it links the TF-Text ops the exported graph
+# uses: FastWordpieceTokenizeWithOffsets, RegexSplitWithOffsets, NormalizeUTF8, CaseFoldUTF8)
+# with MODEL_BASE as `mmclinic export` writes it: NAME/VERSION/ folders plus models.config,
+# batching_parameters.txt, monitoring.config and each latest version's warm-up requests.
+# The rule for the tag: its TensorFlow must not be older than the TensorFlow that exported the
+# model (tensorflow in requirements.lock, 2.21.0): a SavedModel may use ops or op attributes an
+# older runtime does not know, and only the other direction is guaranteed. TensorFlow Serving
+# releases carry TensorFlow's version number; tensorflow-serving-api 2.21.0 is on PyPI, so 2.21.0
+# is the tag (its pull was not tried here: no registry is reachable from these machines).
+FROM tensorflow/serving:2.21.0 AS serve
+ARG MODEL_BASE=demo_run/models
+COPY ${MODEL_BASE} /models
 EXPOSE 8500 8501
+ENTRYPOINT ["tensorflow_model_server", "--port=8500", "--rest_api_port=8501", \
+            "--model_config_file=/models/models.config", "--model_config_file_poll_wait_seconds=60", \
+            "--enable_batching", "--batching_parameters_file=/models/batching_parameters.txt", \
+            "--monitoring_config_file=/models/monitoring.config"]
