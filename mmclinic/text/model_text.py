@@ -12,13 +12,15 @@
 
 Steps, in order:
 
-1. the de-identification pattern rules that RE2 can express (:data:`GRAPH_RULES`: e-mail,
+1. section headers (:data:`mmclinic.text.reports.SECTION_ALIASES`, case-insensitive, at the
+   start, after whitespace or after a full stop, followed by ``:``) are marked, so that no
+   rule below reaches into one;
+2. the de-identification pattern rules that RE2 can express (:data:`GRAPH_RULES`: e-mail,
    URL, social security, phone, record and accession numbers after their label, numeric
-   and month-name dates, a titled name, long numbers), with the placeholders of
-   :mod:`mmclinic.phi.text_deid`;
-2. section headers (:data:`mmclinic.text.reports.SECTION_ALIASES`, case-insensitive, at the
-   start, after whitespace or after a full stop, followed by ``:``) split the report;
-   the text before the first header is the head;
+   and month-name dates with a year, names after a title, after signature labels
+   (``Signed by:``, ``Dictated by``, ``Attending:``, ``cc:`` ...) and after ``Patient:`` /
+   ``Name:``, long numbers), with the placeholders of :mod:`mmclinic.phi.text_deid`; the
+   report is split at the headers; the text before the first header is the head;
 3. every part is normalised: runs of ``XXXX`` redactions become one ``XXXX``, whitespace
    runs (Python's ``str.isspace`` set) become one space, ends trimmed;
 4. the text policy (:class:`TextConfig`) chooses the sections: ``findings``,
@@ -58,13 +60,30 @@ _HEAD_MARK, _NAME_MARK = "\x1e", "\x1f"  # whitespace to Python, so step 0 turns
 
 _MONTHS = ("January|February|March|April|May|June|July|August|September|October|November|December"
            "|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov|Dec")
-_NAME_WORD = r"(?:[A-WYZ]|X+[A-WYZa-z'’-])[A-Za-z'’-]*"  # capitalised, not a redaction run (XXXX)
+_SMALL_MARK = "\x1d"
+"""Put before a capitalised small word (At, THE, With ...) while the name rules run: never part of a name."""
+_SMALL_WORDS = ("at", "on", "in", "to", "by", "for", "and", "or", "of", "the", "with", "was", "is", "re", "regarding",
+                "who", "per", "via", "from")
+_SMALL = r"\b(" + "|".join(w[0].upper() + "".join(f"[{c.upper()}{c}]" for c in w[1:]) for w in _SMALL_WORDS) + r")\b"
+# A name word: capitalised or in capitals, two letters or more, not a redaction run (XXXX).
+_NW = r"(?:[A-WYZ][A-Za-z'’-]*[A-Za-z]|X+[A-WYZa-z][A-Za-z'’-]*)"
+# Initials, a name word, then up to two more (a middle initial only between name words).
+_PERSON = rf"(?:[A-Z]\.[ \t]*){{0,2}}{_NW}(?:[ \t]+[A-Z]\.?(?:[ \t]+{_NW}){{1,2}}|(?:[ \t]+{_NW}){{0,2}})"
+_CREDS = (r"(?:,[ \t]*(?:MD|DO|RN|NP|PhD|MBBS|FRCR|FRCPC)\b|,[ \t]*(?:M\.D\.|D\.O\.|R\.N\.|N\.P\.|Ph\.D\.)"
+          r"|[ \t]+(?:MD|PhD|MBBS|FRCR|FRCPC)\b|[ \t]+(?:M\.D\.|Ph\.D\.))*")
 _TITLE = r"\b(?:(?:Dr|dr|Doctor|Prof|Professor|Mr|Mrs|Ms|Mx|Miss)(?:\.[ \t]*|[ \t]+)|(?:DR|MRS|PROF)\.[ \t]*)"
+_SIGNATURE_LABEL = (r"\b((?i:(?:electronically[ \t]+)?(?:co-?)?(?:signed|reported|dictated|read|reviewed|interpreted"
+                    r"|transcribed|verified|approved|authenticated|finalized)[ \t]+\x1d?by[ \t]*:?"
+                    r"|(?:attending|radiologist|resident|fellow|technologist)(?:[ \t]+(?:physician|radiologist))?"
+                    r"[ \t]*:|cc[ \t]*:)[ \t]*)")
+_PATIENT_LABEL = (r"((?:\b[Pp]atient|\bPATIENT|\bP[Tt]\.?)(?:[ \t]+(?i:name))?[ \t]*:[ \t]*"
+                  r"|\b(?i:full|last|first|given|family|patient'?s)[ \t]+(?i:name)[ \t]*:[ \t]*"
+                  r"|\b(?:[Nn]ame|NAME)[ \t]*:[ \t]*)")
 _NUMBER = r"[A-Za-z0-9-]*[0-9][A-Za-z0-9-]*"
 
 GRAPH_RULES: tuple[tuple[str, str, str], ...] = (
     ("email", r"\b[A-Za-z0-9_.+-]+@[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+\b", "[EMAIL]"),
-    ("url", r"(?i)\b(?:https?://|www\.)[^\s<>\"]*[^\s<>\".,;:!?)\]']", "[URL]"),
+    ("url", r"(?i)\b(?:https?://|www\.)[^\s\x1d-\x1f<>\"]*[^\s\x1d-\x1f<>\".,;:!?)\]']", "[URL]"),
     ("ssn", r"\b(?i:ssn|social[ \t]+security(?:[ \t]+number)?)[ \t]*[:#]?[ \t]*[0-9]{3}[ -]?[0-9]{2}[ -]?[0-9]{4}\b"
             r"|\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", "[SSN]"),
     ("phone", r"(?:\+1[ .-]?)?(?:\([0-9]{3}\)[ .-]?|\b[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}\b", "[PHONE]"),
@@ -76,8 +95,9 @@ GRAPH_RULES: tuple[tuple[str, str, str], ...] = (
              r"|\b[0-9]{1,2}\.[0-9]{1,2}\.[0-9]{4}\b|\b(?:19|20)[0-9]{2}[/-][0-9]{1,2}[/-][0-9]{1,2}\b"
              rf"|\b(?i:{_MONTHS})\.?[ \t]+[0-9]{{1,2}}(?i:st|nd|rd|th)?,?[ \t]+(?:19|20)[0-9]{{2}}\b"
              rf"|\b[0-9]{{1,2}}(?i:st|nd|rd|th)?[ \t]+(?i:{_MONTHS})\.?,?[ \t]+(?:19|20)[0-9]{{2}}\b", "[DATE]"),
-    # A title and a name word; a second name word only when no colon follows it (not a section header).
-    ("titled_name", _TITLE + _NAME_WORD + rf"(?:[ \t]+{_NAME_WORD}([^A-Za-z'’:-]|$))?", r"[NAME]\1"),
+    ("titled_name", _TITLE + _PERSON + _CREDS, "[NAME]"),
+    ("signature_name", _SIGNATURE_LABEL + _PERSON + _CREDS, r"\1[NAME]"),
+    ("patient_name", _PATIENT_LABEL + _PERSON, r"\1[NAME]"),
     ("long_number", r"\b[A-Z]{0,4}[0-9]{6,}\b", "[ID]"),
 )
 """``(name, RE2 pattern, rewrite)``: the rules that run in the graph, in the order of
@@ -85,9 +105,9 @@ GRAPH_RULES: tuple[tuple[str, str, str], ...] = (
 
 OUT_OF_GRAPH = (
     "identities known only from the archive: names, IDs and accession numbers from DICOM headers and source tables",
-    "person names after signature and role labels (signed by, attending, cc, discussed with ...), before "
-    "credentials (MD, RN ...), after a patient or name label, in DICOM form (family and given name joined by a "
-    "caret), and in capitals without a title",
+    "person names after phrases such as 'discussed with' or 'called to' and after role labels other than those of "
+    "the graph's signature rule, names with credentials (MD, RN ...) but no title or label, names in DICOM form "
+    "(family and given name joined by a caret), and names in capitals without a title or label",
     "dates in forms the graph's rules do not cover: a month abbreviation between numbers, a month and day without "
     "a year, a day and month after 'on'",
     "record identifiers after weaker labels (ID, case, study, account ... numbers), IP addresses, phone numbers in "
@@ -150,23 +170,36 @@ def _join_nonempty(parts, axis: int = -1):
     return tf.strings.reduce_join(kept, axis=axis, separator=" ")
 
 
-def deidentify_graph(texts):
-    """The RE2 subset of the de-identification rules (:data:`GRAPH_RULES`) on a string tensor."""
+def _mark_headers(texts):
+    """Control characters that serve as marks become spaces; each section header becomes
+    ``<mark>NAME<mark>`` (its colon and surrounding whitespace dropped), so that no rule reaches into it."""
     import tensorflow as tf
 
+    texts = tf.strings.regex_replace(texts, f"[{_SMALL_MARK}{_HEAD_MARK}{_NAME_MARK}]", " ")
+    return tf.strings.regex_replace(texts, _HEADER, rf"\1{_HEAD_MARK}\2{_NAME_MARK}")
+
+
+def _deidentify_marked(texts):
+    import tensorflow as tf
+
+    texts = tf.strings.regex_replace(texts, _SMALL, _SMALL_MARK + r"\1")
     for _, pattern, rewrite in GRAPH_RULES:
         texts = tf.strings.regex_replace(texts, pattern, rewrite)
-    return texts
+    return tf.strings.regex_replace(texts, _SMALL_MARK, "")
 
 
-def sections_graph(texts) -> dict[str, Any]:
-    """Split a 1-D string tensor of reports into normalised sections: ``head``, and one string per
-    section of :data:`SECTION_ALIASES` (``findings``, ``impression``, ``indication``, ``history``,
-    ``comparison``, ``technique``, ``exam``); repeated sections are joined with a space."""
+def deidentify_graph(texts):
+    """The de-identification rules the graph applies (:data:`GRAPH_RULES`) on a string tensor (section
+    headers are never part of a match)."""
     import tensorflow as tf
 
-    texts = tf.strings.regex_replace(texts, f"[{_HEAD_MARK}{_NAME_MARK}]", " ")
-    marked = tf.strings.regex_replace(texts, _HEADER, rf"\1{_HEAD_MARK}\2{_NAME_MARK}")
+    marked = _deidentify_marked(_mark_headers(texts))
+    return tf.strings.regex_replace(marked, rf"{_HEAD_MARK}([^{_NAME_MARK}]*){_NAME_MARK}", r"\1:")
+
+
+def _split_marked(marked) -> dict[str, Any]:
+    import tensorflow as tf
+
     head = _normalize(tf.strings.regex_replace(marked, f"{_HEAD_MARK}(?s:.*)$", ""))
     rest = tf.strings.split(marked, _HEAD_MARK)[:, 1:]  # one "NAME<mark>body" per header
     names = tf.ragged.map_flat_values(tf.strings.regex_replace, rest, f"{_NAME_MARK}(?s:.*)$", "")
@@ -177,6 +210,13 @@ def sections_graph(texts) -> dict[str, Any]:
         is_name = tf.ragged.map_flat_values(tf.strings.regex_full_match, names, pattern)
         out[name] = _join_nonempty(tf.ragged.boolean_mask(bodies, is_name))
     return out
+
+
+def sections_graph(texts) -> dict[str, Any]:
+    """Split a 1-D string tensor of reports into normalised sections: ``head``, and one string per
+    section of :data:`SECTION_ALIASES` (``findings``, ``impression``, ``indication``, ``history``,
+    ``comparison``, ``technique``, ``exam``); repeated sections are joined with a space."""
+    return _split_marked(_mark_headers(texts))
 
 
 def _choose(policy: str, s: dict[str, Any]):
@@ -203,7 +243,7 @@ def _choose(policy: str, s: dict[str, Any]):
 
 
 def _model_text_once(texts, policy: str):
-    return _choose(policy, sections_graph(deidentify_graph(texts)))
+    return _choose(policy, _split_marked(_deidentify_marked(_mark_headers(texts))))
 
 
 def model_text_graph(texts, config: TextConfig | str = "both"):
