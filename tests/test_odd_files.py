@@ -72,6 +72,13 @@ def test_dicom_without_preamble_reads_like_the_part10_file(tmp_path):
     assert open_dicom(tmp_path / "big_endian.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
 
 
+def test_real_file_without_preamble_from_pydicom_data_is_read():
+    path = real("OT-PAL-8-face.dcm")  # pydicom-data: implicit VR, no preamble, no file meta, palette colour
+    assert path.read_bytes()[128:132] != b"DICM" and is_dicom(path)
+    rec = read_image(path)
+    assert rec.pixels.shape == (480, 640, 3) and rec.meta["transfer_syntax"] == "1.2.840.10008.1.2"
+
+
 def test_acr_nema_file_without_sop_class_or_uids_is_read(tmp_path):
     ds = pydicom.dcmread(real("CT_small.dcm"))
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):

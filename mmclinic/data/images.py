@@ -25,6 +25,7 @@ ingest) and stops it after the time box (``decode_timeout=`` of the readers).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import re
@@ -425,7 +426,7 @@ def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) ->
     structures and plans, segmentations, waveforms, encapsulated documents) are refused here.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     path = Path(path)
     if not path.is_file():
@@ -446,6 +447,8 @@ def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) ->
         raise errors.NotDicom(f"{path.name}: not a valid DICOM file") from None
     except RecursionError:
         raise errors.CorruptImage(f"{path.name}: DICOM sequences nested too deeply to parse") from None
+    except BytesLengthException:
+        raise errors.CorruptImage(f"{path.name}: {_WRONG_LENGTH}") from None
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
             OverflowError, struct.error, zlib.error) as exc:
         raise errors.TruncatedFile(f"{path.name}: DICOM header cannot be parsed ({type(exc).__name__})") from None
@@ -455,13 +458,35 @@ def open_dicom(path: str | Path, *, pixel_budget: int = DEFAULT_PIXEL_BUDGET) ->
             raise errors.TruncatedFile(f"{path.name}: the file ends inside a data element (truncated)")
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not ds.keys():
-        raise errors.NotDicom(f"{path.name}: not a valid DICOM file (no data elements)")
-    if source.kind == "bare" and not getattr(ds.file_meta, "TransferSyntaxUID", None):
-        implicit, little = ds.original_encoding  # ACR-NEMA: no file meta; the encoding pydicom read it in
-        ds.file_meta.TransferSyntaxUID = _IMPLICIT_LE if implicit else _EXPLICIT_LE if little else _EXPLICIT_BE
-    _check_lengths(ds, source)
-    _check_image_object(ds, path)
+        if source.kind == "bare":
+            raise errors.NotDicom(f"{path.name}: not a valid DICOM file (no data elements)")
+        meta_length = getattr(ds.file_meta, "FileMetaInformationGroupLength", None)
+        if not isinstance(meta_length, int) or 144 + meta_length >= source.size:
+            raise errors.TruncatedFile(f"{path.name}: the file ends in or right after its file meta group (truncated)")
+    with _element_errors(path):
+        if source.kind == "bare" and not getattr(ds.file_meta, "TransferSyntaxUID", None):
+            implicit, little = ds.original_encoding  # ACR-NEMA: no file meta; the encoding pydicom read it in
+            ds.file_meta.TransferSyntaxUID = _IMPLICIT_LE if implicit else _EXPLICIT_LE if little else _EXPLICIT_BE
+        _check_lengths(ds, source)
+        _check_image_object(ds, path)
     return ds
+
+
+_WRONG_LENGTH = "a DICOM element's length does not fit its value representation"
+
+
+@contextlib.contextmanager
+def _element_errors(path: Path) -> Iterator[None]:
+    """pydicom converts an element's value when it is first used: a value whose length does not fit
+    its VR (or a sequence nested past the recursion limit) then raises wherever that happens."""
+    from pydicom.errors import BytesLengthException
+
+    try:
+        yield
+    except BytesLengthException:
+        raise errors.CorruptImage(f"{path.name}: {_WRONG_LENGTH}") from None
+    except RecursionError:
+        raise errors.CorruptImage(f"{path.name}: DICOM sequences nested too deeply to parse") from None
 
 
 _NON_IMAGE_CLASSES = (
@@ -547,13 +572,13 @@ def _check_lengths(ds: Any, source: _DicomBytes) -> None:
     tags = list(ds.keys())
     candidates = [t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in ds] + tags[-1:]
     for tag in candidates:
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)  # offsets only: never read or convert the value
         tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
         if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
             keyword = keyword_for_tag(tag)
             name = _tag(keyword) if keyword else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             raise errors.TruncatedFile(f"{path.name}: element {name} is longer than the rest of the file (truncated)")
-    last = ds.get_item(tags[-1]) if tags else None
+    last = ds.get_item(tags[-1], keep_deferred=True) if tags else None
     tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
     if tell is not None and length is not None and length != 0xFFFFFFFF and 0 < size - (tell + length) < 8:
         with source.open() as fh:  # fewer bytes than an element header left over: a cut header
@@ -663,6 +688,72 @@ def _decode_error(exc: Exception, path: Path) -> errors.InputError:
     return errors.CorruptImage(f"{path.name}: {_tag('PixelData')} cannot be decoded ({kind})")
 
 
+_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                  "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+_J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+_JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+"""Start-of-frame markers: JPEG processes 0-15 (not DHT, JPG, DAC) and JPEG-LS (SOF55)."""
+
+
+def _codestream_size(frame: bytes, tsyntax: str) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, or None where it cannot be read.
+
+    JPEG and JPEG-LS: the first start-of-frame segment (T.81 B.2.2, T.87 C.2.2); JPEG 2000: the SIZ
+    segment after SOC (T.800 A.5.1), as Xsiz - XOsiz by Ysiz - YOsiz.
+    """
+    if tsyntax in _J2K_SYNTAXES:
+        at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC, SIZ (after any JP2 boxes)
+        if at < 0 or len(frame) < at + 24:
+            return None
+        x, y, x0, y0 = struct.unpack(">IIII", frame[at + 8:at + 24])
+        return x - x0, y - y0
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _JPEG_SOF:
+            if pos + 9 > len(frame):
+                return None
+            height, width = struct.unpack(">HH", frame[pos + 5:pos + 9])
+            return width, height
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+        elif marker in (0xD9, 0xDA):  # end of image or scan data before any frame header
+            return None
+        else:
+            pos += 2 + struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+    return None
+
+
+def _check_codestreams(ds: Any, path: Path, header: _Header, indices: Sequence[int]) -> None:
+    """Each encapsulated frame to decode must declare the header's Columns x Rows.
+
+    A decoder allocates what its codestream declares, not what the DICOM header says: a
+    64 x 64 image whose JPEG says 60000 x 60000 would need gigabytes before failing.
+    """
+    if header.tsyntax not in _JPEG_SYNTAXES | _J2K_SYNTAXES:
+        return
+    from pydicom.encaps import generate_frames
+
+    wanted = set(indices)
+    for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=header.frames)):
+        if i in wanted:
+            size = _codestream_size(frame, header.tsyntax)
+            if size is not None and size != (header.cols, header.rows):
+                raise errors.CorruptImage(
+                    f"{path.name}: frame {i} of {_tag('PixelData')} is a codestream of {size[0]} x {size[1]} pixels, "
+                    f"not the {_tag('Columns')} x {_tag('Rows')} of the header ({header.cols} x {header.rows})"
+                )
+            wanted.discard(i)
+        if not wanted:
+            return
+
+
 def _decode(ds: Any, path: Path, header: _Header, indices: Sequence[int]) -> Iterator[tuple[np.ndarray, dict]]:
     """Decoded frames (raw stored values; YBR already converted to RGB by pydicom, once)."""
     from pydicom.pixels import get_decoder
@@ -679,6 +770,7 @@ def _decode(ds: Any, path: Path, header: _Header, indices: Sequence[int]) -> Ite
     # allow_excess_frames=False: never decode more frames than NumberOfFrames (the budget's count).
     opts: dict[str, Any] = {"as_rgb": True, "allow_excess_frames": False}
     try:
+        _check_codestreams(ds, path, header, indices)
         if len(indices) == 1:
             yield decoder.as_array(ds, index=indices[0], **opts)
         else:
@@ -707,13 +799,27 @@ def _frame_attr(ds: Any, keyword: str, group: str, index: int) -> Any:
         return None
 
 
-def _modality_lut(arr: np.ndarray, ds: Any, index: int) -> np.ndarray:
+_RESCALE_LIMIT = 1e30
+"""Largest |RescaleSlope| and |RescaleIntercept| taken: 16-bit values rescaled stay finite in float32."""
+
+
+def _modality_lut(arr: np.ndarray, ds: Any, index: int, path: Path) -> np.ndarray:
     if ds.get("ModalityLUTSequence"):
         from pydicom.pixels import apply_modality_lut
 
-        return apply_modality_lut(arr, ds).astype(np.float64)
+        try:
+            return apply_modality_lut(arr, ds).astype(np.float64)
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, NotImplementedError, struct.error):
+            raise errors.UnsupportedPixelFormat(
+                f"{path.name}: the LUT in {_tag('ModalityLUTSequence')} cannot be applied (its LUTDescriptor "
+                "does not match its LUTData)"
+            ) from None
     slope = _number(_frame_attr(ds, "RescaleSlope", "PixelValueTransformationSequence", index), 1.0)
     intercept = _number(_frame_attr(ds, "RescaleIntercept", "PixelValueTransformationSequence", index), 0.0)
+    if not (abs(slope) <= _RESCALE_LIMIT and abs(intercept) <= _RESCALE_LIMIT):
+        raise errors.UnsupportedPixelFormat(
+            f"{path.name}: tag {_tag('RescaleSlope')} or {_tag('RescaleIntercept')} is beyond +/-{_RESCALE_LIMIT:g}"
+        )
     if arr.dtype.itemsize <= 2:  # 8/16-bit stored values: float32 holds them and their rescale exactly enough
         out = arr.astype(np.float32)
         if slope != 1.0:
@@ -724,7 +830,7 @@ def _modality_lut(arr: np.ndarray, ds: Any, index: int) -> np.ndarray:
     return arr.astype(np.float64) * slope + intercept
 
 
-def _display_lut(arr: np.ndarray, ds: Any, index: int, photometric: str) -> np.ndarray | None:
+def _display_lut(arr: np.ndarray, ds: Any, index: int, photometric: str, path: Path) -> np.ndarray | None:
     """The whole display transform as a table over every possible stored value, or None.
 
     For 8/16-bit integer pixels with a rescale (no Modality LUT) and a window (no VOI LUT),
@@ -741,7 +847,7 @@ def _display_lut(arr: np.ndarray, ds: Any, index: int, photometric: str) -> np.n
         return None
     unsigned = np.uint8 if arr.dtype.itemsize == 1 else np.uint16
     domain = np.arange(1 << (8 * arr.dtype.itemsize), dtype=unsigned).view(arr.dtype)  # index order = bit pattern
-    lut = window(_modality_lut(domain, ds, index), center, width, function)
+    lut = window(_modality_lut(domain, ds, index, path), center, width, function)
     if photometric == "MONOCHROME1":
         lut = np.subtract(np.float32(1.0), lut, dtype=np.float32)
     return np.ascontiguousarray(lut, dtype=np.float32)
@@ -808,12 +914,14 @@ def _record(ds: Any, path: Path, header: _Header, arr: np.ndarray, props: dict, 
     elif photometric == "PALETTE COLOR":
         pixels, voi = _palette(arr, ds, path), "palette"
     else:
-        lut = _display_lut(arr, ds, index, photometric)
+        lut = _display_lut(arr, ds, index, photometric, path)
         if lut is not None:  # one gather instead of rescale, window and inversion over every pixel
             unsigned = arr.view(np.uint8 if arr.dtype.itemsize == 1 else np.uint16)
             pixels, voi = lut[unsigned], "window"
         else:
-            pixels, voi = _voi(_modality_lut(arr, ds, index), ds, index)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise errors.UnsupportedPixelFormat(f"{path.name}: float pixel data holds NaN or infinite values")
+            pixels, voi = _voi(_modality_lut(arr, ds, index, path), ds, index)
             if photometric == "MONOCHROME1":
                 pixels = np.subtract(np.float32(1.0), pixels, dtype=np.float32)
     meta = dicom_metadata(ds)
@@ -829,10 +937,11 @@ def decode_dicom(ds: Any, path: str | Path, frame: int | None = None, frame_poli
     """Display-ready pixels of one frame of a dataset from :func:`open_dicom`; the header is checked first."""
     path = Path(path)
     _check_policy(frame_policy, single=True)
-    header = _check_header(ds, path, pixel_budget)
-    index = _pick_frame(header, path, frame, frame_policy)
-    ((arr, props),) = _decode(ds, path, header, [index])
-    return _record(ds, path, header, arr, props, index)
+    with _element_errors(path):
+        header = _check_header(ds, path, pixel_budget)
+        index = _pick_frame(header, path, frame, frame_policy)
+        ((arr, props),) = _decode(ds, path, header, [index])
+        return _record(ds, path, header, arr, props, index)
 
 
 def decode_dicom_frames(ds: Any, path: str | Path, *, frame_policy: str = "all",
@@ -840,13 +949,14 @@ def decode_dicom_frames(ds: Any, path: str | Path, *, frame_policy: str = "all",
     """One record per frame kept by ``frame_policy`` (``all``: every frame, in order)."""
     path = Path(path)
     _check_policy(frame_policy)
-    header = _check_header(ds, path, pixel_budget)
-    if frame_policy == "all":
-        indices = list(range(header.frames))
-    else:
-        indices = [_pick_frame(header, path, None, frame_policy)]
-    return [_record(ds, path, header, arr, props, index)
-            for index, (arr, props) in zip(indices, _decode(ds, path, header, indices), strict=True)]
+    with _element_errors(path):
+        header = _check_header(ds, path, pixel_budget)
+        if frame_policy == "all":
+            indices = list(range(header.frames))
+        else:
+            indices = [_pick_frame(header, path, None, frame_policy)]
+        return [_record(ds, path, header, arr, props, index)
+                for index, (arr, props) in zip(indices, _decode(ds, path, header, indices), strict=True)]
 
 
 def age_band(patient_age: str | None) -> str:

@@ -375,9 +375,24 @@ def _jsonl(path: Path, rel: str) -> list[tuple[int, dict[str, Any] | None]]:
     return out
 
 
-def _medpix_modality(kind: str) -> str:
-    k = (kind or "").strip().upper()
+def _medpix_modality(kind: Any) -> str:
+    k = _scalar_text(kind).strip().upper()
     return {"CT": "CT", "MRI": "MR", "MR": "MR"}.get(k, k or "OT")
+
+
+def _scalar_text(value: Any) -> str:
+    """A JSON field as text: a string, or a number written out; anything else (a list, an object) is empty."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def _key(value: Any) -> str:
+    """A JSON identifier (a string or an integer) as text; empty when it is blank or anything else."""
+    text = _scalar_text(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    return text if text.strip() else ""
 
 
 def scan_medpix2(source: Path, **_: Any) -> SourceScan:
@@ -401,20 +416,23 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
             tables.append(data_file.relative_to(source).as_posix())
             for line, obj in _jsonl(data_file, data_file.name):
                 where = f"{data_file.name}:{line}"
-                if obj is None or not obj.get("U_id"):
+                if obj is None or not _key(obj.get("U_id")) or not isinstance(obj.get("Case") or {}, dict):
                     quarantine.append({"source_path": where, "reason_code": "bad_input", "kind": "report",
-                                       "message": f"{where}: not UTF-8 JSON of an object with field U_id"})
+                                       "message": f"{where}: not UTF-8 JSON of an object with field U_id (a string "
+                                                  "or an integer) and field Case an object"})
                     continue
-                cases[str(obj["U_id"])] = dict(obj, _where=where)
+                cases[_key(obj["U_id"])] = dict(obj, _where=where)
         desc_file = base / f"descriptions_{split}.jsonl"
         tables.append(desc_file.relative_to(source).as_posix())
         for line, obj in _jsonl(desc_file, desc_file.name):
             where = f"{desc_file.name}:{line}"
-            if obj is None or not obj.get("image") or not obj.get("U_id"):
+            if obj is None or not _key(obj.get("image")) or not _key(obj.get("U_id")) or \
+                    not isinstance(obj.get("Description") or {}, dict):
                 quarantine.append({"source_path": where, "reason_code": "bad_input", "kind": "image",
-                                   "message": f"{where}: not UTF-8 JSON of an object with fields image and U_id"})
+                                   "message": f"{where}: not UTF-8 JSON of an object with fields image and U_id (strings "
+                                              "or integers) and field Description an object"})
                 continue
-            name, case_id = str(obj["image"]), str(obj["U_id"])
+            name, case_id = _key(obj["image"]), _key(obj["U_id"])
             why = unsafe_path(f"{name}.png", image_dir, source)
             if why:
                 referenced.add(image_dir / f"{name}.png")  # accounted for by this refusal
@@ -425,14 +443,14 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
             case_seen.add(case_id)
             body = case.get("Case") or {}
             sections = {
-                "caption": str(desc.get("Caption") or ""),
-                "findings": str(body.get("Findings") or ""),
-                "impression": str(body.get("Case Diagnosis") or ""),
-                "history": str(body.get("History") or ""),
+                "caption": _scalar_text(desc.get("Caption")),
+                "findings": _scalar_text(body.get("Findings")),
+                "impression": _scalar_text(body.get("Case Diagnosis")),
+                "history": _scalar_text(body.get("History")),
             }
             labels = {"modality": _medpix_modality(obj.get("Type", "")),
-                      "plane": str(desc.get("Plane") or "").strip() or "unknown",
-                      "location_category": str(obj.get("Location Category") or "").strip() or "unknown"}
+                      "plane": _scalar_text(desc.get("Plane")).strip() or "unknown",
+                      "location_category": _scalar_text(obj.get("Location Category")).strip() or "unknown"}
             rep = ReportRow(key=name, where=where, sections=sections, patient_id=case_id, study_id=case_id,
                             labels=labels, source_split=split)
             reports.append(rep)
