@@ -223,6 +223,9 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
             "image_size": config.data.image_size, "max_length": config.data.max_length, "vetting": result,
         })
         dest = folder.install(staged, version).path
+        from mmclinic.serve.tfserving import write_tfserving_files
+
+        write_tfserving_files(model_base, name)  # models.config, batching, monitoring, warm-up requests
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(path=dest, version=version, checks=checks)
