@@ -7,6 +7,11 @@ A notebook scores with them directly::
     image_emb = scorer.embed_images(png_bytes)
     text_emb = scorer.embed_texts(report_texts)
     logits = scorer.match_logits(image_emb, text_emb)
+
+Both take raw report text: the run's text definition (:mod:`mmclinic.text.model_text`) is applied
+before the tokenizer, by the exported graph and by :class:`RunScorer` with the same TensorFlow
+function, so that a report scores the same on every path. Applying it to text that already went
+through it (a dataset's ``text`` column) changes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from mmclinic.artifacts import ExportedModel, RunDir
 from mmclinic.config import ExperimentConfig
+from mmclinic.text.model_text import TextConfig
 
 BATCH_SIZE = 64
 
@@ -59,26 +65,52 @@ def load_run_model(run: str | Path | RunDir):
     return model, ReportTokenizer(vocab, config.data.max_length), config
 
 
+def run_text_config(run: str | Path | RunDir) -> TextConfig:
+    """The text definition a run was trained with: ``run.json``'s ``text``, else its dataset's
+    (``dataset.json``'s ``text``, written by ingest), else the data card's text policy; the
+    defaults for a run without any of them."""
+    from mmclinic.artifacts import DatasetDir
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    info = run.info() if run.info_path.is_file() else {}
+    if info.get("text"):
+        return TextConfig.from_dict(info["text"])
+    data = DatasetDir(run.dataset_path) if info.get("data") else None
+    if data is not None and data.path.is_dir():
+        if data.info().get("text"):
+            return TextConfig.from_dict(data.info()["text"])
+        if data.data_card_path.is_file():
+            from mmclinic.data.cards import read_data_card
+
+            policy = (read_data_card(data.data_card_path).get("report_sections") or {}).get("text_policy")
+            return TextConfig.from_dict({"policy": policy})
+    return TextConfig()
+
+
 class RunScorer:
-    """Scores with the Keras model of a training run (or a model, tokenizer and config given)."""
+    """Scores with the Keras model of a training run (or a model, tokenizer and config given).
+
+    ``text_config``: the run's text definition (default: :func:`run_text_config` of ``run``)."""
 
     def __init__(self, run: str | Path, model: Any = None, tokenizer: Any = None,
-                 config: ExperimentConfig | None = None) -> None:
+                 config: ExperimentConfig | None = None, text_config: TextConfig | None = None) -> None:
         self.run = Path(run)
         if model is None:
             model, tokenizer, config = load_run_model(self.run)
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.text_config = text_config or run_text_config(self.run)
         import tensorflow as tf
 
         from mmclinic.data.preprocess import decode_image
+        from mmclinic.text.model_text import model_text_graph
 
         size = config.data.image_size
         spec = [tf.TensorSpec([None], tf.string)]
         self._img = tf.function(lambda b: self.model.encode_image(
             tf.map_fn(lambda x: decode_image(x, size), b, fn_output_signature=tf.float32), training=False),
             input_signature=spec)
-        self._txt = tf.function(lambda t: self.model.encode_text(*self.tokenizer(t), training=False),
-                                input_signature=spec)
+        self._txt = tf.function(lambda t: self.model.encode_text(
+            *self.tokenizer(model_text_graph(t, self.text_config)), training=False), input_signature=spec)
 
     def embed_images(self, png: list[bytes]) -> np.ndarray:
         return batched(lambda b: self._img(tf_strings(b)).numpy(), png)

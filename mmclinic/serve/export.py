@@ -7,7 +7,14 @@ report tokenizer, are in the graph. Signatures:
   ``match_score`` (probability that the report belongs with the image), ``match_logit``,
   ``similarity`` (cosine of the two embeddings)
 - ``embed_image(image_bytes)``, ``embed_text(report_text)``, ``match_embeddings(image_emb, text_emb)``
+- ``model_text(report_text)``: the text the model sees for a raw report
 - ``score_tokens(image_bytes, token_ids, padding_mask)`` for servers without TF-Text ops.
+
+``report_text`` is the raw report: the graph applies the run's text definition
+(:func:`mmclinic.text.model_text.model_text_graph`: the de-identification rules RE2 can
+express, sections, the run's text policy, normalisation) before tokenizing, the same
+function ingest, training, evaluation and ``mmclinic score`` use. The rules it cannot apply
+are listed in the model card and ``docs/SERVING_CLIENTS.md``.
 
 Loading needs ``import tensorflow_text`` (the tokenizer's ops); TensorFlow Serving's
 official build links them.
@@ -26,6 +33,7 @@ import numpy as np
 
 from mmclinic.artifacts import DatasetDir, ExportedModel, ModelFolder, RunDir
 from mmclinic.errors import UsageError, VettingFailed
+from mmclinic.text.model_text import GRAPH_RULES, OUT_OF_GRAPH, TextConfig, model_text_graph
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,16 @@ class ExportResult:
     checks: dict[str, Any]
 
 
-def build_serving_module(model, vocab: list[str], image_size: int, max_length: int):
+def build_serving_module(model, vocab: list[str], image_size: int, max_length: int,
+                         text_config: TextConfig | None = None):
+    """The exported signatures over ``model``; report text goes through ``text_config``'s model text
+    (:func:`mmclinic.text.model_text.model_text_graph`) before the tokenizer."""
     import tensorflow as tf
 
     from mmclinic.data.preprocess import decode_image
     from mmclinic.text.tokenizer import ReportTokenizer
+
+    text_config = text_config or TextConfig()
 
     class ServingModule(tf.Module):
         def __init__(self) -> None:
@@ -53,7 +66,7 @@ def build_serving_module(model, vocab: list[str], image_size: int, max_length: i
             return self.model.encode_image(imgs, training=False)
 
         def _texts(self, report_text):
-            ids, mask = self.tokenizer(report_text)
+            ids, mask = self.tokenizer(model_text_graph(report_text, text_config))
             return self.model.encode_text(ids, mask, training=False)
 
         def _pair(self, img, txt):
@@ -73,6 +86,10 @@ def build_serving_module(model, vocab: list[str], image_size: int, max_length: i
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="report_text")])
         def embed_text(self, report_text):
             return {"text_emb": self._texts(report_text)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="report_text")])
+        def model_text(self, report_text):
+            return {"model_text": model_text_graph(report_text, text_config)}
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="image_emb"),
                                       tf.TensorSpec([None, None], tf.float32, name="text_emb")])
@@ -94,10 +111,12 @@ def save_serving_model(module, path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures={
         "serving_default": module.serve, "embed_image": module.embed_image, "embed_text": module.embed_text,
         "match_embeddings": module.match_embeddings, "score_tokens": module.score_tokens,
+        "model_text": module.model_text,
     })
 
 
-def _model_card(name: str, version: int, run_info: dict[str, Any], config, checks: dict[str, Any]) -> str:
+def _model_card(name: str, version: int, run_info: dict[str, Any], config, checks: dict[str, Any],
+                text_config: TextConfig) -> str:
     v = checks["validation"]
     m = config.model
     text = {"small_bert": f"small BERT from scratch ({m.text_layers} layers, hidden {m.text_hidden}, learned WordPiece "
@@ -132,7 +151,18 @@ Not a diagnostic device; every flag needs a person's review.
 
 ## Serving
 TensorFlow Serving layout (`{name}/{version}/`). Inputs: encoded PNG/JPEG bytes of the display-ready
-image (as `mmclinic.read_image` produces) and the report text. Loading needs TF-Text ops.
+image (as `mmclinic.read_image` produces) and the raw report text. Loading needs TF-Text ops.
+
+## Report text
+The graph makes the text the model sees from the raw report with the same function training used
+(`mmclinic.text.model_text`, definition version {text_config.version}): text policy
+`{text_config.policy}`, section headers, whitespace and `XXXX` runs normalised, and these
+de-identification rules: {', '.join(r[0] for r in GRAPH_RULES)}. The `model_text` signature returns
+that text for a report.
+
+Not applied in the graph (training text had them removed at ingest; remove them before sending a
+report, e.g. with `mmclinic.phi.text_deid.deidentify_text`; see docs/SERVING_CLIENTS.md):
+{chr(10).join(f"- {x}" for x in OUT_OF_GRAPH)}
 
 ## Limitations
 The image tower is trained from scratch unless a weights file was given; results on the
@@ -146,7 +176,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
 
     from mmclinic.eval.embedding import load_split
     from mmclinic.eval.evaluate import compute_report
-    from mmclinic.eval.scorers import RunScorer, load_run_model
+    from mmclinic.eval.scorers import RunScorer, load_run_model, run_text_config
     from mmclinic.phi.guard import DEFAULT_GUARD
 
     run_dir, model_base = RunDir.open(run, "RUN"), Path(model_base)
@@ -168,7 +198,8 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     val = load_split(DatasetDir.open(data, "the run's dataset"), "val")
     if len(val.png) < 3:
         raise VettingFailed(f"vetting failed: validation split of {data} has {len(val.png)} images, need >= 3")
-    scorer = RunScorer(run_dir.path, model, tokenizer, config)
+    text_config = run_text_config(run_dir)
+    scorer = RunScorer(run_dir.path, model, tokenizer, config, text_config)
     rep = compute_report(scorer, val, boot=0, seed=config.eval.seed,
                          target_sensitivity=config.eval.target_sensitivity)
     r5 = rep["retrieval"]["image_to_text"]["R@5"]
@@ -188,7 +219,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-export-"))
     try:
         staged = tmp / "model"
-        module = build_serving_module(model, vocab, config.data.image_size, config.data.max_length)
+        module = build_serving_module(model, vocab, config.data.image_size, config.data.max_length, text_config)
         save_serving_model(module, staged)
         import tensorflow_text  # noqa: F401
 
@@ -213,7 +244,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
         folder = ModelFolder(model_base / name)
         folder.path.mkdir(parents=True, exist_ok=True)
         version = folder.next_version()
-        card = _model_card(name, version, run_info, config, result)
+        card = _model_card(name, version, run_info, config, result, text_config)
         DEFAULT_GUARD.check(card, "model card")
         ExportedModel.write_model_card(staged, card)
         ExportedModel.write_metadata(staged, {
@@ -221,6 +252,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
             "dataset_version": run_info.get("dataset_version"), "mismatch_threshold": result["threshold"],
             "mismatch_score": "negated match logit; flag when >= mismatch_threshold",
             "image_size": config.data.image_size, "max_length": config.data.max_length, "vetting": result,
+            "text": text_config.to_dict(), "text_out_of_graph": list(OUT_OF_GRAPH),
         })
         dest = folder.install(staged, version).path
         from mmclinic.serve.tfserving import write_tfserving_files

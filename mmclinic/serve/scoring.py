@@ -4,6 +4,13 @@ Writes two tables through SQLAlchemy (SQLite by default, any URL such as
 PostgreSQL): ``scoring_runs`` (one row per invocation) and ``pair_scores`` (one
 row per pair, with the review flag). Only pseudonymous keys and scores are
 stored: no report text, no image.
+
+Report text goes to the SavedModel as given: its graph makes the model text (the run's text
+definition, :mod:`mmclinic.text.model_text`), as it does behind ``mmclinic serve`` and
+TensorFlow Serving, so a CSV row scores what a REST client sending the same report gets.
+Images of a CSV are read with :func:`mmclinic.data.images.read_image` under a time box
+(:data:`~mmclinic.data.images.DEFAULT_DECODE_TIMEOUT` per file; a stuck file is recorded as
+``decode_timeout``).
 """
 
 from __future__ import annotations
@@ -64,8 +71,7 @@ def _pairs_from_dataset(data: DatasetDir, split: str) -> tuple[list[str], list[s
 def _pairs_from_csv(path: Path) -> tuple[list[str], list[str], list[bytes | None], list[str], list]:
     import pandas as pd
 
-    from mmclinic.data.images import read_image, to_png_bytes
-    from mmclinic.phi.text_deid import deidentify_text
+    from mmclinic.data.images import DEFAULT_DECODE_TIMEOUT, read_image, to_png_bytes
 
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -78,13 +84,14 @@ def _pairs_from_csv(path: Path) -> tuple[list[str], list[str], list[bytes | None
     for i, row in df.iterrows():
         pair_id = row.get("pair_id") or f"row{i + 2}"
         ids.append(pair_id); rids.append(row.get("report_id", ""))
-        # The model was trained on de-identified text: give it the same kind of input.
-        texts.append(deidentify_text(row["report_text"]))
+        # The raw report: the model's graph applies the text definition the run was trained with.
+        texts.append(row["report_text"])
         img_path = Path(row["image_path"])
         if not img_path.is_absolute():
             img_path = path.parent / img_path
         try:
-            png.append(to_png_bytes(read_image(img_path).pixels, 1024)); errs.append(None)
+            record = read_image(img_path, decode_timeout=DEFAULT_DECODE_TIMEOUT)
+            png.append(to_png_bytes(record.pixels, 1024)); errs.append(None)
         except InputError as exc:
             png.append(None); errs.append(exc.reason_code)
     return ids, rids, png, texts, errs
