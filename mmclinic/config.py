@@ -88,6 +88,9 @@ MIN_IMAGE_SIDE = 16
 MISMATCH_KINDS = ("other_patient", "other_patient_same_findings", "same_patient_other_study", "laterality_swap",
                   "negation", "finding_swap")
 """Kinds of mismatch negatives for the match head (``train.mismatch_kinds``)."""
+REVIEWED_KIND = "reviewed"
+"""The reviewers' confirmed mismatches (``train.reviews``): a kind of ``train.mismatch_kinds`` that
+is off unless listed (the default list holds :data:`MISMATCH_KINDS`)."""
 
 
 def parse_mismatch_kinds(items: typing.Sequence[str], key: str = "train.mismatch_kinds") -> dict[str, float]:
@@ -96,8 +99,9 @@ def parse_mismatch_kinds(items: typing.Sequence[str], key: str = "train.mismatch
     for item in items:
         kind, sep, raw = str(item).partition(":")
         kind = kind.strip()
-        if kind not in MISMATCH_KINDS:
-            raise ConfigError(f"config key '{key}': unknown kind {kind!r} (allowed: {', '.join(MISMATCH_KINDS)})")
+        if kind not in (*MISMATCH_KINDS, REVIEWED_KIND):
+            raise ConfigError(f"config key '{key}': unknown kind {kind!r} (allowed: "
+                              f"{', '.join((*MISMATCH_KINDS, REVIEWED_KIND))})")
         try:
             weight = float(raw) if sep else 1.0
         except ValueError:
@@ -154,6 +158,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     deterministic: bool = False
     """Seeds plus TensorFlow op determinism: the same run gives the same weights."""
+    reviews: str | None = None
+    """Reviewers' decisions to learn from: the scores database of ``mmclinic score`` (an SQLAlchemy
+    URL or an SQLite file) or a decisions CSV (``pair_id, status, reviewer, note``). Confirmed
+    mismatches of training images become the ``reviewed`` kind of ``mismatch_kinds``; confirmed
+    matches are never used as generated negatives."""
+    init_from: str | None = None
+    """Start from these weights instead of the initialisation: a run folder (its latest checkpoint)
+    or a registered model (``models:/NAME@champion``, ``models:/NAME/VERSION``); the
+    architecture must match."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +213,13 @@ class ExportConfig:
     max_reload_difference: float = 1e-4
     max_quantization_drop: float = 0.02
     """A TFLite (float16/int8) tower is refused when test-split R@5 or mismatch AUROC drops by more."""
+    champion_gates: tuple[str, ...] = ("image_to_text.R@5:0.05", "mismatch.auroc:0.05", "mismatch.auroc.by_kind:0.10",
+                                       "calibration.ece:0.05")
+    """Vetting against the registered champion (``metric:margin``): the run is refused when it is
+    worse than the champion by more than the margin on the validation split (R@5 and AUROC lower,
+    ECE higher; ``mismatch.auroc.by_kind`` applies to each corruption kind). Empty: no comparison."""
+    champion_bootstrap: int = 200
+    """Resamples of the paired patient bootstrap that gives each difference its interval."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +367,9 @@ def _validate(obj: Any, prefix: str) -> None:
         if not 0 < obj.layer_decay <= 1:
             raise ConfigError(f"config key '{prefix}.layer_decay' must be in (0, 1], got {obj.layer_decay}")
         kinds = parse_mismatch_kinds(obj.mismatch_kinds, f"{prefix}.mismatch_kinds")
+        if kinds.get(REVIEWED_KIND) and not obj.reviews:
+            raise ConfigError(f"config key '{prefix}.mismatch_kinds' lists '{REVIEWED_KIND}' but "
+                              f"'{prefix}.reviews' names no decisions (a scores database or decisions CSV)")
         if obj.match_weight > 0 and not kinds:
             raise ConfigError(f"config key '{prefix}.mismatch_kinds' needs a kind with weight > 0 while "
                               f"'{prefix}.match_weight' is > 0")

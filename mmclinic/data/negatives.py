@@ -19,7 +19,8 @@ after :func:`mmclinic.text.corruptions.normalize_report`. The other two kinds of
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +43,11 @@ class NegativeTables:
     sources: dict[str, tuple[str, ...]]
     """For the partner kinds, the report id each text came from ("" where none)."""
     findings_source: str = ""
+    by_image: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    """Kinds looked up by ``image_id`` instead of ``report_id``: kind -> (image ids, texts); the
+    ``reviewed`` kind (see :func:`apply_reviews`)."""
+    review_counts: dict[str, Any] = field(default_factory=dict)
+    """What :func:`apply_reviews` used (empty without reviews)."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -149,3 +155,85 @@ def split_negatives(dataset: str | Path | DatasetDir, split: str, seed: int, kin
     return build_negatives(per_report["report_id"].tolist(), per_report["text"].fillna("").tolist(),
                            per_report["patient_key"].tolist(), studies.tolist(),
                            per_report["labels"].tolist() if "labels" in per_report.columns else None, seed, kinds)
+
+
+# --------------------------------------------------------------------------- reviewers' decisions
+
+REVIEWED_KIND = "reviewed"
+
+
+@dataclass(frozen=True)
+class Reviews:
+    """Reviewers' decisions (``train.reviews``): per pair id, the last decision."""
+
+    source: str
+    decisions: dict[str, dict[str, Any]]
+    """pair_id -> ``{"status", "report_key", "scoring_run_ids"}``."""
+
+    @property
+    def sha256(self) -> str:
+        blob = json.dumps({k: [v["status"], v.get("report_key") or ""] for k, v in sorted(self.decisions.items())},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def scoring_run_ids(self) -> list[str]:
+        return sorted({r for d in self.decisions.values() for r in d.get("scoring_run_ids", ())})
+
+
+def load_reviews(spec: str | Path) -> Reviews:
+    """The decisions of a scores database (an SQLAlchemy URL or an SQLite file: its
+    ``review_queue``) or of a decisions CSV (``pair_id, status, reviewer, note``; the last row of
+    a pair wins)."""
+    from mmclinic.serve import review_queue
+
+    spec = str(spec)
+    if spec.lower().endswith(".csv") and "://" not in spec:
+        decisions: dict[str, dict[str, Any]] = {}
+        for d in review_queue.read_decisions_csv(spec):
+            decisions[d.pair_id] = {"status": d.status, "report_key": "", "scoring_run_ids": []}
+        return Reviews(spec, decisions)
+    return Reviews(spec, review_queue.decided_pairs(review_queue.engine_for(spec, "train.reviews")))
+
+
+def apply_reviews(tables: NegativeTables, reviews: Reviews, images: Sequence[str], image_reports: Sequence[str],
+                  report_texts: dict[str, str], use_mismatches: bool = True) -> NegativeTables:
+    """``tables`` with the reviewers' decisions on the training pairs (``images`` with their
+    ``image_reports``, the training split):
+
+    - a confirmed mismatch of an image with its own report (the dataset's pairing is wrong)
+      becomes that image's ``reviewed`` negative (looked up by image id; the step then no longer
+      counts the pair as a true pair for the match head), when ``use_mismatches``;
+    - a confirmed match of an image with a report is removed wherever a generated kind had drawn
+      that report as the negative of the image's own report.
+
+    Decisions on pairs outside the training split are counted, not used."""
+    own = dict(zip(map(str, images), map(str, image_reports)))
+    row = {rid: i for i, rid in enumerate(tables.report_ids)}
+    texts = {k: list(v) for k, v in tables.texts.items()}
+    counts = {"confirmed_mismatch": 0, "confirmed_match": 0, "dismissed": 0, "outside_train": 0,
+              "generated_negatives_removed": 0}
+    neg_ids, neg_texts = [], []
+    for pair_id in sorted(reviews.decisions):
+        d = reviews.decisions[pair_id]
+        report = own.get(pair_id)
+        key = d.get("report_key") or report
+        if report is None or (d["status"] == "confirmed_mismatch" and key != report):
+            counts["outside_train"] += 1
+            continue
+        counts[d["status"]] += 1
+        if d["status"] == "confirmed_mismatch" and use_mismatches:
+            neg_ids.append(pair_id)
+            neg_texts.append(str(report_texts.get(report, "") or ""))
+        elif d["status"] == "confirmed_match" and report in row:
+            for kind, src in tables.sources.items():
+                if src[row[report]] == key and texts[kind][row[report]]:
+                    texts[kind][row[report]] = ""
+                    counts["generated_negatives_removed"] += 1
+    counts["scoring_run_ids"] = reviews.scoring_run_ids
+    counts["source"] = reviews.source
+    counts["sha256"] = reviews.sha256
+    by_image = dict(tables.by_image)
+    if use_mismatches:
+        by_image[REVIEWED_KIND] = (tuple(neg_ids), tuple(neg_texts))
+    return replace(tables, texts={k: tuple(v) for k, v in texts.items()}, by_image=by_image, review_counts=counts)

@@ -63,6 +63,10 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
         for kind, texts in (*negatives.texts.items(), ("norm", negatives.normalized)):
             init = tf.lookup.KeyValueTensorInitializer(table_keys, tf.constant(list(texts), tf.string))
             tables[kind] = tf.lookup.StaticHashTable(init, default_value="")
+        for kind, (keys, texts) in negatives.by_image.items():  # the reviewers' kind: by image
+            init = tf.lookup.KeyValueTensorInitializer(tf.constant(list(keys), tf.string),
+                                                       tf.constant(list(texts), tf.string))
+            tables[kind] = tf.lookup.StaticHashTable(init, default_value="")
 
     def texts(ex):
         # A batch of records at a time: the tokenizer is vectorised.
@@ -72,7 +76,7 @@ def make_dataset(dataset: str | Path, split: str, cfg: DataConfig, tokenizer, ba
         ex[SWAPPED_IDS.name], ex[SWAPPED_MASK.name] = tokenizer(swapped)
         ex[HAS_SIDE.name] = tf.not_equal(swapped, ex[TEXT.name])
         for kind, table in tables.items():
-            text = table.lookup(ex["report_id"])
+            text = table.lookup(ex["image_id"] if kind in negatives.by_image else ex["report_id"])
             if kind == "norm":
                 ex[NORM_KEY.name] = tf.strings.to_hash_bucket_fast(text, 2 ** 63 - 1)
                 continue

@@ -228,19 +228,98 @@ def _train(setup: RunSetup) -> TrainResult:
 
     config, tc = setup.config, setup.config.train
     manifest, train_reports = _read_training_reports(setup.data)
+    init = _init_source(setup) if tc.init_from and _latest_checkpoint(setup.workdir) is None else None
     vocab = _vocabulary(setup.own_dir, config, train_reports)
     tokenizer = ReportTokenizer(vocab, config.data.max_length)
     # Mismatch negatives for the match head, from the training split only (seeded, per report).
     kinds = MismatchKinds.from_config(tc)
-    negatives = split_negatives(setup.data, "train", tc.seed, kinds.table_kinds)
+    negatives = split_negatives(setup.data, "train", tc.seed, kinds.generated_kinds)
+    if tc.reviews:
+        negatives = _with_reviews(setup, negatives, manifest, kinds)
     latest = _latest_checkpoint(setup.workdir)
     step = TrainStep.build(config, len(vocab), setup.strategy, kinds, load_pretrained=latest is None)
+    if init is not None and latest is None:
+        _init_weights(setup, step, init)
     checkpoints = _Checkpoints(step, RunDir(setup.workdir if setup.chief else setup.own_dir).checkpoint_dir,
                                latest)
     lineage = _Lineage(setup, step, manifest, vocab, negatives)
     batches = _training_batches(setup, step, tokenizer, negatives, skip=checkpoints.step)
     validation = _Validation(setup, step.model, tokenizer)
     return _run(setup, step, batches, checkpoints=checkpoints, lineage=lineage, validation=validation)
+
+
+def _init_source(setup: RunSetup) -> RunDir:
+    """The run folder ``train.init_from`` names (a folder, or a registered model version whose
+    ``mmclinic.run_dir`` tag names its run); its vocabulary becomes this run's when it has none."""
+    spec = str(setup.config.train.init_from)
+    if spec.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from mmclinic.tracking import tracking_uri
+
+        rest = spec[len("models:/"):]
+        client = MlflowClient(tracking_uri())
+        try:
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = rest.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+        except (MlflowException, ValueError):
+            raise UsageError(f"train.init_from {spec!r}: no such registered model version (give "
+                             "models:/NAME@ALIAS, models:/NAME/VERSION or a run folder)") from None
+        path = (version.tags or {}).get("mmclinic.run_dir")
+        if not path:
+            raise UsageError(f"train.init_from {spec!r}: the version does not record its run folder (tag "
+                             "mmclinic.run_dir); give the run folder instead")
+        source = RunDir.open(path, f"train.init_from {spec!r}: its run folder")
+    else:
+        source = RunDir.open(spec, "train.init_from")
+    source.require_checkpoint()
+    if source.config().model != setup.config.model:
+        raise UsageError(f"train.init_from {spec!r}: its model config differs from this run's (the weights would "
+                         "not fit); keep the model keys of the run it starts from")
+    own = RunDir(setup.own_dir)
+    if not own.vocab_path.is_file() and source.vocab_path.is_file():
+        shutil.copyfile(source.vocab_path, own.vocab_path)
+    return source
+
+
+def _init_weights(setup: RunSetup, step: TrainStep, source: RunDir) -> None:
+    """The model's weights from ``source``'s latest checkpoint (optimizer state starts afresh)."""
+    import tensorflow as tf
+
+    ckpt = source.require_checkpoint()
+    try:
+        tf.train.Checkpoint(model=step.model).restore(ckpt).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError) as exc:
+        raise UsageError(f"train.init_from {setup.config.train.init_from!r}: its checkpoint does not fit this "
+                         f"model ({type(exc).__name__})") from None
+    if setup.chief:
+        _update_run_json(setup.workdir, init_from={"spec": str(setup.config.train.init_from),
+                                                   "run_dir": str(source.path.resolve()), "checkpoint": ckpt})
+
+
+def _with_reviews(setup: RunSetup, negatives, manifest, kinds):
+    """The negatives with the reviewers' decisions (``train.reviews``), recorded in ``run.json``;
+    a resumed run refuses decisions that changed since it started."""
+    from mmclinic.data.negatives import REVIEWED_KIND, apply_reviews, load_reviews
+
+    reviews = load_reviews(setup.config.train.reviews)
+    train_rows = manifest[manifest["split"] == "train"]
+    texts = DatasetDir(setup.data).reports(["report_id", "text"]).set_index("report_id")["text"].to_dict()
+    out = apply_reviews(negatives, reviews, train_rows["image_id"].tolist(), train_rows["report_id"].tolist(),
+                        texts, REVIEWED_KIND in kinds.weights)
+    run = RunDir(setup.own_dir)
+    before = run.info().get("reviews")
+    if setup.resuming and before and before.get("sha256") != out.review_counts["sha256"]:
+        raise UsageError(f"--workdir {setup.workdir}: the decisions in train.reviews changed since the run "
+                         "started; refusing to resume. Use a new --workdir.")
+    if setup.chief:
+        run.update_info(reviews=out.review_counts)
+    return out
 
 
 class _Checkpoints:
@@ -310,6 +389,12 @@ class _Lineage:
         mlrun.log_params({f"train.negatives.{k}": n for k, n in negatives.counts().items()}
                          | {"train.negatives.reports": len(negatives.report_ids),
                             "train.negatives.findings_source": negatives.findings_source})
+        if negatives.review_counts:  # what the reviewers' decisions contributed, and from which scoring runs
+            rc = negatives.review_counts
+            mlrun.log_params({f"train.reviews.{k}": rc[k] for k in ("confirmed_mismatch", "confirmed_match",
+                                                                     "dismissed", "outside_train",
+                                                                     "generated_negatives_removed", "sha256")}
+                             | {"train.reviews.scoring_runs": ",".join(rc["scoring_run_ids"])[:500] or "none"})
         mlrun.log_dataset(data, setup.dataset_info.get("name", data.name), self.manifest_sha)
         mlrun.log_artifact(RunDir(workdir).config_path)
         card = DatasetDir(data).data_card_path
@@ -340,7 +425,7 @@ class _Lineage:
         return self.mlrun.log_keras_model(model, config.export.name, _pip_requirements(), tags={
             "mmclinic.config_hash": config.hash(), "mmclinic.dataset_version": self.setup.dataset_version,
             "mmclinic.manifest_sha256": self.manifest_sha, "mmclinic.git_commit": git_commit(),
-            "mmclinic.step": str(step)})
+            "mmclinic.step": str(step), "mmclinic.run_dir": str(self.setup.workdir.resolve())})
 
 
 def _training_batches(setup: RunSetup, step: TrainStep, tokenizer, negatives, skip: int) -> Iterator:
@@ -516,7 +601,20 @@ def _summary(config: ExperimentConfig, workdir: Path, start: int, done: int, sec
 
 
 def train_from_file(experiment: str | Path, data: str | Path, workdir: str | Path | None,
-                    overrides: list[str] = (), quiet: bool = False, stop_after: int | None = None) -> TrainResult:
+                    overrides: list[str] = (), quiet: bool = False, stop_after: int | None = None, *,
+                    reviews: str | None = None, init_from: str | None = None) -> TrainResult:
+    """``reviews`` (``--reviews``): sets ``train.reviews`` and adds the ``reviewed`` kind (weight 1)
+    to ``train.mismatch_kinds`` when the config does not list it; ``init_from``: ``train.init_from``."""
+    overrides = list(overrides)
+    if init_from:
+        overrides.append(f"train.init_from={json.dumps(str(init_from))}")
+    if reviews:
+        from mmclinic.config import REVIEWED_KIND
+
+        overrides.append(f"train.reviews={json.dumps(str(reviews))}")
+        kinds = list(load_config(experiment, overrides).train.mismatch_kinds)
+        if not any(str(k).partition(":")[0].strip() == REVIEWED_KIND for k in kinds):
+            overrides.append(f"train.mismatch_kinds={json.dumps(kinds + [REVIEWED_KIND + ':1'])}")
     config = load_config(experiment, overrides)
     if workdir is None:
         workdir = Path("runs") / f"{config.name}-{config.hash()[:8]}"

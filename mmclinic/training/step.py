@@ -20,7 +20,7 @@ from typing import Any
 import tensorflow as tf
 
 from mmclinic.config import ExperimentConfig, TrainConfig, parse_mismatch_kinds
-from mmclinic.data.negatives import TABLE_KINDS
+from mmclinic.data.negatives import REVIEWED_KIND, TABLE_KINDS
 from mmclinic.data.schema import (HAS_SIDE, IMAGE, NORM_KEY, PADDING_MASK, PATIENT_KEY, SWAPPED_IDS, SWAPPED_MASK,
                                   TEXT, TOKEN_IDS, BatchSchema, negative_features)
 from mmclinic.training import losses
@@ -48,6 +48,11 @@ class MismatchKinds:
     @property
     def table_kinds(self) -> tuple[str, ...]:
         """Kinds precomputed per report from the training split (:mod:`mmclinic.data.negatives`)."""
+        return self.generated_kinds + ((REVIEWED_KIND,) if REVIEWED_KIND in self.weights else ())
+
+    @property
+    def generated_kinds(self) -> tuple[str, ...]:
+        """The table kinds generated from the training split's reports (all but ``reviewed``)."""
         return tuple(k for k in TABLE_KINDS if k in self.weights)
 
     @property
@@ -159,9 +164,15 @@ class TrainStep:
         else:
             contrastive = losses.sigmoid_loss(img_all, txt_all, model.logit_scale, model.logit_bias, targets)
         negs = self.match_negatives(batch, txt)
+        positive_weight = self.kinds.positive_weight
+        if REVIEWED_KIND in self.kinds.weights:
+            # A reviewer confirmed that the image and its own report do not belong together: that
+            # pair is the image's reviewed negative, and no true pair for the match head.
+            reviewed_ok = tf.cast(batch[negative_features(REVIEWED_KIND)[2].name], tf.float32)
+            positive_weight = positive_weight * (1.0 - reviewed_ok)
         match, per_kind = losses.match_loss_by_kind(
             model.match_logits(img, txt), {k: model.match_logits(img, e) for k, e, _ in negs},
-            {k: ok for k, _, ok in negs}, self.kinds.weights, self.kinds.positive_weight)
+            {k: ok for k, _, ok in negs}, self.kinds.weights, positive_weight)
         total = contrastive + tc.match_weight * match
         return total, {"loss": total, "contrastive": contrastive, "match": match, **per_kind}
 
