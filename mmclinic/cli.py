@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--frame-policy", default=d.frame_policy, choices=list(FRAME_POLICIES),
                    help="multi-frame DICOM handling")
     s.add_argument("--burned-in", default=d.burned_in, choices=list(BURNED_IN_POLICIES),
-                   help="files declaring BurnedInAnnotation YES: keep with a flag, or quarantine")
+                   help="keep: flag files declaring BurnedInAnnotation YES; quarantine: those and files with text "
+                        "found in their pixels (OCR); redact: black out text found in the pixels, keep and flag "
+                        "(quarantine and redact need Tesseract: apt-get install tesseract-ocr)")
     s.add_argument("--unpaired", default=d.unpaired, choices=list(UNPAIRED_POLICIES),
                    help="reports without images and images without reports")
     s.add_argument("--decode-timeout", type=float, default=d.decode_timeout, metavar="SECONDS",

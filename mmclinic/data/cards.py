@@ -53,12 +53,27 @@ def section_coverage(reports: pd.DataFrame) -> dict[str, float]:
             for k in SECTIONS if k in reports and (reports[k].fillna("") != "").any()}
 
 
+def _burned_in_text(policy: str | None) -> str:
+    """What the ``--burned-in`` policy did, for the data card."""
+    tag = "files declaring BurnedInAnnotation (0028,0301) YES are "
+    if policy == "quarantine":
+        return (f"policy quarantine: {tag}quarantined (burned_in_annotation), and so are files whose stored pixels "
+                "hold text found by OCR (burned_in_text)")
+    if policy == "redact":
+        return (f"policy redact: text found by OCR in the stored pixels is blacked out, the image kept and flagged "
+                f"(burned_in), with no de-identified DICOM copy; {tag}kept and flagged")
+    return f"policy {policy}: {tag}kept and flagged (burned_in); pixels are not searched for text"
+
+
 def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[str, int],
                     manifest: pd.DataFrame, reports: pd.DataFrame, quarantine: pd.DataFrame,
                     audit: collections.Counter[str], options: dict[str, Any], version: str,
                     tables: list[str] | None = None, notes: list[str] | None = None,
                     duplicates: dict[str, int] | None = None, unpaired_images: int = 0,
-                    provenance: str = "") -> Path:
+                    provenance: str = "", pixel_text: dict[str, Any] | None = None) -> Path:
+    """Write ``data_card.md``. ``pixel_text``: the search for text burned into pixels
+    (``ingest_stages.pixel_text_counts``), ``None`` or ``{"searched": False}`` when there was none."""
+    pixel_text = pixel_text or {"searched": False}
     by_split = {}
     for split in ("train", "val", "test"):
         rows = manifest[manifest["split"] == split]
@@ -86,6 +101,7 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
             "quarantined_by_reason": _dist(quarantine["reason_code"]) if len(quarantine) else {},
             "burned_in_flagged": int(manifest["burned_in"].sum()) if "burned_in" in manifest else 0,
         },
+        "pixel_text": pixel_text,
         "splits": by_split,
         "distributions": {k: _dist(manifest[k]) for k in ("modality", "view", "sex", "age_band", "manufacturer",
                                                            "photometric", "laterality") if k in manifest},
@@ -97,9 +113,7 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
             "dicom_headers": "not copied into the manifest: only modality, view, laterality, body part, "
                              "manufacturer, photometric interpretation, sex and age band are kept",
             "dicom_copies": annex_e or "not written (use --write-dicom for Annex E de-identified copies)",
-            "burned_in_annotation": f"policy {options.get('burned_in')}: files declaring BurnedInAnnotation "
-                                    "(0028,0301) YES are " + ("quarantined" if options.get("burned_in") ==
-                                                              "quarantine" else "kept and flagged (burned_in)"),
+            "burned_in_annotation": _burned_in_text(options.get("burned_in")),
             "report_text": "archive identities removed, then pattern rules (typed placeholders)",
             "text_replacements_by_rule": {k: int(v) for k, v in sorted(audit.items()) if v},
         },
@@ -119,7 +133,11 @@ def write_data_card(dataset: Path, *, name: str, source_format: str, flow: dict[
     limitations = [
         "Report de-identification is rule-based plus the identities held in the archive's own headers and "
         "tables; free-text names that appear in neither can survive. Review before sharing outside the team.",
-        "Burned-in annotation in pixels is not detected beyond the DICOM `BurnedInAnnotation` tag.",
+        "Burned-in annotation in pixels is not detected beyond the DICOM `BurnedInAnnotation` tag (pixels are "
+        "searched for text with `--burned-in quarantine` or `redact`)." if not pixel_text.get("searched") else
+        "Text in pixels is found by OCR on the stored image: text it cannot read (very small, faint, rotated, "
+        "handwritten, on busy texture) can survive; graphics and single letters are not searched for. "
+        f"{pixel_text.get('frames_with_text', 0)} of {pixel_text.get('frames_scanned', 0)} frames held text.",
         "Splits are by patient; with few patients a split can be small or empty (counts above).",
         *(notes or []),
     ]

@@ -28,6 +28,7 @@ import select
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,12 +39,15 @@ import numpy as np
 
 from mmclinic import errors
 from mmclinic.data.images import DEFAULT_PIXEL_BUDGET
+from mmclinic.phi.pixel_text import PixelTextError
 
 IDENTITY_TAGS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers",
                  "InstitutionName", "InstitutionAddress", "StudyID")
 MANIFEST_META = ("modality", "view", "laterality", "source_format", "photometric", "sex", "age_band", "manufacturer",
                  "body_part", "rows", "columns", "burned_in_annotation", "frame", "pixel_spacing")
 """The metadata ingest keeps per image (everything else stays in the worker)."""
+PIXEL_TEXT_POLICIES = ("quarantine", "redact")
+"""``burned_in`` policies under which every stored frame is searched for text (:mod:`mmclinic.phi.pixel_text`)."""
 NAME_TAGS = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
               "MALLOC_TOP_PAD_": str(16 << 20)}
@@ -63,7 +67,8 @@ class DecodeSettings:
     frame_policy: str = "first"
     pixel_budget: int = DEFAULT_PIXEL_BUDGET
     burned_in: str = "keep"
-    """``keep`` (flag it in the manifest) or ``quarantine`` files declaring burned-in annotation."""
+    """``keep`` (flag files declaring burned-in annotation in the manifest), ``quarantine`` (those, and files
+    with text found in their pixels) or ``redact`` (black out text found in the pixels; keep and flag)."""
     dicom_out_dir: str | None = None
     """When set, a de-identified DICOM copy (PS3.15 Annex E) of every accepted DICOM file goes here."""
     deid_key_hex: str | None = None
@@ -98,6 +103,7 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
                                       resize_pixels, to_png_bytes)
 
     path, index = Path(job["path"]), job["index"]
+    scanned = {"frames": 0, "with_text": 0, "regions": 0}  # pixel text (quarantine / redact): counts only
     try:
         ident: dict[str, Any] = {}
         records: list[ImageRecord]
@@ -117,31 +123,60 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
             else:
                 records = [decode_dicom(ds, path, frame_policy=settings.frame_policy,
                                         pixel_budget=settings.pixel_budget)]
-            if settings.dicom_out_dir:
-                from mmclinic.phi.annex_e import deidentify_dataset
-                from mmclinic.phi.dicom_deid import Pseudonymizer
-
-                pseudo = Pseudonymizer(bytes.fromhex(settings.deid_key_hex or ""))
-                clean, _ = deidentify_dataset(ds, pseudo, burned_in="keep")
-                dest = Path(settings.dicom_out_dir) / f"{pseudo.image(ident['SOPInstanceUID'])}.dcm"
-                clean.save_as(dest, enforce_file_format=True)
         else:
             records = [read_image(path, pixel_budget=settings.pixel_budget)]
         images = []
         for f, rec in enumerate(records):
             small = resize_pixels(rec.pixels, settings.max_side)  # hashed and stored at the stored size
+            meta = {k: rec.meta.get(k) for k in MANIFEST_META if k in rec.meta}
+            if settings.burned_in in PIXEL_TEXT_POLICIES:
+                small, meta["pixel_text_regions"] = _pixel_text(small, settings.burned_in, path.name, f, scanned,
+                                                                settings.out_dir)
             png = to_png_bytes(small)
             name = f"{index}-{f}.png"
             (Path(settings.out_dir) / name).write_bytes(png)
-            meta = {k: rec.meta.get(k) for k in MANIFEST_META if k in rec.meta}
             images.append({"png": name, "sha256": hashlib.sha256(png).hexdigest(),
                            "phash": perceptual_hash(small), "meta": meta})
-        return {"ok": True, "index": index, "ident": ident, "images": images}
+        if ident and settings.dicom_out_dir and not scanned["with_text"]:  # no copy of a redacted file: its
+            from mmclinic.phi.annex_e import deidentify_dataset            # original pixels hold the text
+            from mmclinic.phi.dicom_deid import Pseudonymizer
+
+            pseudo = Pseudonymizer(bytes.fromhex(settings.deid_key_hex or ""))
+            clean, _ = deidentify_dataset(ds, pseudo, burned_in="keep")
+            dest = Path(settings.dicom_out_dir) / f"{pseudo.image(ident['SOPInstanceUID'])}.dcm"
+            clean.save_as(dest, enforce_file_format=True)
+        return {"ok": True, "index": index, "ident": ident, "images": images, "pixel_text": scanned}
     except errors.InputError as exc:
-        return {"ok": False, "index": index, "reason": exc.reason_code, "message": str(exc)}
+        return {"ok": False, "index": index, "reason": exc.reason_code, "message": str(exc), "pixel_text": scanned}
+    except PixelTextError as exc:  # OCR could not run on this file: text cannot be ruled out
+        return {"ok": False, "index": index, "reason": "burned_in_text", "pixel_text": scanned,
+                "message": f"{path.name}: could not be checked for text in its pixels ({exc}); "
+                           f"policy is {settings.burned_in}"}
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one quarantined file
         return {"ok": False, "index": index, "reason": "corrupt_image",
                 "message": f"{path.name}: cannot be read ({type(exc).__name__})"}
+
+
+def _pixel_text(small: np.ndarray, policy: str, name: str, frame: int, scanned: dict[str, int],
+                out_dir: str) -> tuple[np.ndarray, int]:
+    """Text in one stored frame under ``policy`` (``quarantine`` or ``redact``): the frame, redacted, and how
+    many text regions it had. Tallies ``scanned``.
+
+    ``quarantine`` raises :class:`errors.BurnedInAnnotation` (reason ``burned_in_text``) naming the file,
+    the frame and how many regions: never what they say.
+    """
+    from mmclinic.phi.pixel_text import detect_text, redact_text
+
+    tempfile.tempdir = out_dir  # Tesseract's scratch files (the image, the text it read) stay in the workspace
+    small, found = (small, detect_text(small)) if policy == "quarantine" else redact_text(small)
+    scanned["frames"] += 1
+    scanned["with_text"] += bool(found)
+    scanned["regions"] += found.count
+    if found and policy == "quarantine":
+        raise errors.BurnedInAnnotation(
+            f"{name}: text found in the pixels of frame {frame} ({found.count} region(s), {found.words} word(s)); "
+            "policy is quarantine", reason_code="burned_in_text")
+    return small, found.count
 
 
 def _send(stream: Any, obj: Any) -> None:
@@ -233,6 +268,7 @@ class _Slot:
     def __init__(self, settings: DecodeSettings) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         env.update({k: v for k, v in MALLOC_ENV.items() if k not in os.environ})
+        env.setdefault("OMP_THREAD_LIMIT", "1")  # Tesseract (pixel text): one thread, as there is a worker per core
         self.proc = subprocess.Popen([sys.executable, "-m", "mmclinic.data.decode_pool"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env=env)
         try:

@@ -21,11 +21,12 @@ from pathlib import Path
 from mmclinic import errors
 from mmclinic.config import MIN_IMAGE_SIDE
 from mmclinic.data import ingest_stages as stages
-from mmclinic.data.decode_pool import DecodeSettings, decode_all
+from mmclinic.data.decode_pool import PIXEL_TEXT_POLICIES, DecodeSettings, decode_all
 from mmclinic.data.images import DEFAULT_PIXEL_BUDGET, FRAME_POLICIES
 from mmclinic.data.sources import FORMATS, CsvColumns, detect_format
 from mmclinic.data.splits import SPLITS
 from mmclinic.phi.dicom_deid import Pseudonymizer, load_or_create_key
+from mmclinic.phi.pixel_text import require_tesseract
 from mmclinic.text import reports as reports_mod
 
 __all__ = ["FORMATS", "IngestOptions", "IngestSummary", "detect_format", "ingest"]
@@ -33,7 +34,7 @@ __all__ = ["FORMATS", "IngestOptions", "IngestSummary", "detect_format", "ingest
 SPLIT_POLICIES = ("hash", "source")
 TEXT_POLICIES = (*reports_mod.TEXT_POLICIES, "caption", "caption+findings")
 UNPAIRED_POLICIES = ("quarantine", "keep")
-BURNED_IN_POLICIES = ("keep", "quarantine")
+BURNED_IN_POLICIES = ("keep", "quarantine", "redact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,10 @@ class IngestOptions:
     pixel_budget: int = DEFAULT_PIXEL_BUDGET
     """Bytes of decoded pixel data one file may need, checked from the header before decoding."""
     burned_in: str = "keep"
-    """Files declaring burned-in annotation: ``keep`` (flagged in the manifest) or ``quarantine``."""
+    """``keep``: files declaring burned-in annotation (BurnedInAnnotation YES) are flagged in the manifest;
+    ``quarantine``: those, and files with text found in their pixels by OCR, are quarantined; ``redact``: text
+    found in the pixels is blacked out in the stored image, and the file kept and flagged. Pixels are
+    searched (Tesseract, :mod:`mmclinic.phi.pixel_text`) under ``quarantine`` and ``redact`` only."""
     unpaired: str = "quarantine"
     """``quarantine`` or ``keep``: reports without an image stay in reports.parquet, images without a report
     go to unpaired_images.parquet."""
@@ -92,7 +96,7 @@ def _check_options(o: IngestOptions) -> None:
         (o.text_policy is None or o.text_policy in TEXT_POLICIES,
          f"--text-policy must be one of {', '.join(TEXT_POLICIES)}"),
         (o.frame_policy in FRAME_POLICIES, f"--frame-policy must be {frame_policies}"),
-        (o.burned_in in BURNED_IN_POLICIES, "--burned-in must be keep or quarantine"),
+        (o.burned_in in BURNED_IN_POLICIES, f"--burned-in must be one of {', '.join(BURNED_IN_POLICIES)}"),
         (o.unpaired in UNPAIRED_POLICIES, "--unpaired must be keep or quarantine"),
         (o.max_side >= MIN_IMAGE_SIDE, f"--max-side must be at least {MIN_IMAGE_SIDE}"),
         (o.decode_timeout is None or o.decode_timeout > 0, "--decode-timeout must be positive"),
@@ -117,6 +121,9 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     if fmt not in FORMATS:
         raise errors.UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     _check_options(options)
+    ocr = None  # the OCR engine, when the policy searches pixels for text (checked before any work)
+    if options.burned_in in PIXEL_TEXT_POLICIES:
+        ocr = f"tesseract {require_tesseract(f'--burned-in {options.burned_in}')}"
     scan = stages.scan_source(source, detect_format(source) if fmt == "auto" else fmt,
                               csv_columns=options.csv_columns, image_dir=options.image_dir,
                               text_policy=options.text_policy)
@@ -139,7 +146,7 @@ def ingest(source: str | Path, out: str | Path, fmt: str = "auto", deid_key_file
     card_options = dataclasses.asdict(options)
     card_options["text_policy"] = scan.text_policy
     written = stages.write_dataset(ws, out, scan, pairing, reports, rows, tables, card_options=card_options,
-                                   shard_size=options.shard_size)
+                                   shard_size=options.shard_size, ocr_engine=ocr)
     counts = tables.manifest["split"].value_counts().to_dict()
     return IngestSummary(dataset=written.dataset, accepted=rows.accepted_inputs, quarantined=written.quarantined,
                          reports=len(tables.reports), splits={k: int(counts.get(k, 0)) for k in SPLITS},

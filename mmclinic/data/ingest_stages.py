@@ -173,6 +173,9 @@ class Pairing:
     paired_with_report: int
     """Images paired with a report (counted here, before later stages empty ``pairs``)."""
     quarantine: list[dict[str, str]]
+    pixel_text: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    """Frames searched for text in their pixels (``frames``), those with text (``with_text``) and its regions
+    (``regions``), over every decoded file, refused ones included (``--burned-in quarantine|redact``)."""
 
 
 def in_input_order(jobs: Sequence[ImageJob], results: Iterable[dict[str, Any]]
@@ -206,7 +209,9 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
     seen_uid: set[str] = set()
     decode_failures = 0
     failed_reports: set[str] = set()
+    pixel_text: collections.Counter[str] = collections.Counter()
     for job, res in in_input_order(scan.images, results):
+        pixel_text.update(res.get("pixel_text") or {})
         if not res["ok"]:
             decode_failures += 1
             quarantine.append(_refusal(job.rel, res["reason"], res["message"], "image"))
@@ -243,7 +248,7 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
         pairs.append(PairedImage(job, keep, res["images"], row, patient_id))
     return Pairing(pairs=pairs, identities=identities, names=names, decode_failures=decode_failures,
                    failed_reports=failed_reports, paired_with_report=sum(p.report is not None for p in pairs),
-                   quarantine=quarantine)
+                   quarantine=quarantine, pixel_text=pixel_text)
 
 
 # --------------------------------------------------------------------------- reports
@@ -331,6 +336,8 @@ class ManifestRows:
     accepted_inputs: int
     """Input images accepted (a multi-frame file kept as several frames counts once)."""
     quarantine: list[dict[str, str]]
+    redacted: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    """Accepted images whose stored pixels had text blacked out (``images``) and its regions (``regions``)."""
 
 
 def spacing_text(value: Any) -> str:
@@ -364,6 +371,7 @@ def build_manifest(scan: Scan, pairing: Pairing, reports: ReportTable, pseudo: P
     unpaired_rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, str]] = []
     accepted = 0
+    redacted: collections.Counter[str] = collections.Counter()
     for p in pairing.pairs:
         job, row = p.job, p.report
         if row is not None and row.key not in reports.records:
@@ -380,6 +388,8 @@ def build_manifest(scan: Scan, pairing: Pairing, reports: ReportTable, pseudo: P
             meta = dict(img["meta"])
             meta.update({k: v for k, v in job.meta.items() if v not in (None, "")})
             image_id = pseudo.image(uid if len(p.images) == 1 else f"{uid}#frame{frame}")
+            text_regions = int(meta.get("pixel_text_regions") or 0)  # blacked out in the stored image
+            redacted.update({"images": int(text_regions > 0), "regions": text_regions})
             rel = f"images/{image_id}.png"
             (ws.decoded / img["png"]).rename(ws.root / rel)
             record = {
@@ -392,7 +402,8 @@ def build_manifest(scan: Scan, pairing: Pairing, reports: ReportTable, pseudo: P
                 "manufacturer": meta.get("manufacturer", ""), "body_part": meta.get("body_part", ""),
                 "rows": int(meta.get("rows", 0) or 0), "columns": int(meta.get("columns", 0) or 0),
                 "date_shift_days": pseudo.date_shift_days(patient_key), "source": scan.source.format,
-                "labels": labels, "burned_in": str(meta.get("burned_in_annotation", "")).upper() == "YES",
+                "labels": labels,
+                "burned_in": str(meta.get("burned_in_annotation", "")).upper() == "YES" or text_regions > 0,
                 "phash": img["phash"], "dup_group": "", "frame": int(meta.get("frame", frame) or 0),
                 "pixel_spacing": spacing_text(meta.get("pixel_spacing")),
                 "study_date_shifted": shifted_date(ident.get("StudyDate", ""), pseudo.date_shift_days(patient_key)),
@@ -406,7 +417,8 @@ def build_manifest(scan: Scan, pairing: Pairing, reports: ReportTable, pseudo: P
                 f.unlink()
     shutil.rmtree(ws.decoded)
     pairing.pairs.clear()
-    return ManifestRows(paired=paired_rows, unpaired=unpaired_rows, accepted_inputs=accepted, quarantine=quarantine)
+    return ManifestRows(paired=paired_rows, unpaired=unpaired_rows, accepted_inputs=accepted, quarantine=quarantine,
+                        redacted=redacted)
 
 
 # --------------------------------------------------------------------------- splits
@@ -508,11 +520,24 @@ def flow_counts(scan: Scan, pairing: Pairing, reports: ReportTable, rows: Manife
     }
 
 
+def pixel_text_counts(pairing: Pairing, rows: ManifestRows, quarantine: pd.DataFrame,
+                      ocr_engine: str | None) -> dict[str, Any]:
+    """The data card's account of text searched for in pixels (``ocr_engine`` None: not searched)."""
+    if ocr_engine is None:
+        return {"searched": False}
+    return {"searched": True, "engine": ocr_engine, "frames_scanned": pairing.pixel_text["frames"],
+            "frames_with_text": pairing.pixel_text["with_text"],
+            "files_quarantined": int((quarantine["reason_code"] == "burned_in_text").sum()),
+            "images_redacted": rows.redacted["images"], "regions_redacted": rows.redacted["regions"]}
+
+
 def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, reports: ReportTable, rows: ManifestRows,
-                  tables: SplitTables, *, card_options: dict[str, Any], shard_size: int) -> Written:
+                  tables: SplitTables, *, card_options: dict[str, Any], shard_size: int,
+                  ocr_engine: str | None = None) -> Written:
     """Write the tables, shards, data card and ``dataset.json`` into the workspace, check that every
     input is accepted or quarantined, then swap the workspace in as ``out`` (and copy the data card
-    into the repository's ``data_cards/`` when run from its root)."""
+    into the repository's ``data_cards/`` when run from its root). ``ocr_engine`` names the engine that
+    searched the pixels for text (``--burned-in quarantine|redact``), ``None`` when they were not searched."""
     tmp = ws.root
     layout = DatasetDir(tmp)  # the folder's file names are defined once, in DatasetDir
     tables.manifest.to_parquet(layout.manifest_path, index=False)
@@ -535,6 +560,7 @@ def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, report
         duplicates={"exact_groups": groups.n_exact, "near_duplicate_links": groups.n_near,
                     "groups_spanning_patients": groups.n_multi_patient, "moved_by_source_policy": tables.moved},
         unpaired_images=len(tables.unpaired), provenance=scan.source.provenance,
+        pixel_text=pixel_text_counts(pairing, rows, qdf, ocr_engine),
     )
     layout.info_path.write_text(json.dumps({"version": version, "format": scan.format, "name": out.name,
                                                   "text": model_text_mod.TextConfig(scan.text_policy).to_dict()},
