@@ -26,7 +26,9 @@ def augment_images(images: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> t
     draw: a small zoom/shift crop (85-100 % of the side, resampled bilinearly to the full size),
     brightness and contrast jitter.
 
-    No horizontal flip unless asked: a flip swaps left and right, which reports name.
+    No horizontal flip unless asked: a flip swaps left and right, which reports name. Training
+    never asks (``data.hflip`` is refused by the config): flipping the image alone contradicts its
+    report, its laterality-swap negative and the other mismatch negatives built from the report.
     ``seed`` is a shape-[2] int tensor for the whole batch (stateless ops, reproducible).
     """
     images = tf.cast(images, tf.float32)

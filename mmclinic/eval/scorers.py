@@ -53,16 +53,37 @@ def load_run_model(run: str | Path | RunDir):
     import tensorflow as tf
 
     from mmclinic.models.dual_encoder import from_model_config
-    from mmclinic.text.tokenizer import ReportTokenizer, load_vocabulary
+    from mmclinic.models.towers import model_checkpoints
+    from mmclinic.text.tokenizer import load_vocabulary, make_tokenizer
 
     run = run if isinstance(run, RunDir) else RunDir.open(run, "RUN")
     config = run.config()
     latest = run.require_checkpoint()
     vocab = load_vocabulary(run.vocab_path)
-    model = from_model_config(config.model, config.data.image_size, config.data.max_length, len(vocab))
+    # Checkpoint towers are rebuilt from their folders' architecture without reading their weights:
+    # the run's checkpoint holds every weight. The tokenizer is the checkpoint's own.
+    pretrained = model_checkpoints(config.model)
+    if pretrained:
+        _check_recorded_checkpoints(run)
+    model = from_model_config(config.model, config.data.image_size, config.data.max_length, len(vocab),
+                              load_pretrained=not pretrained)
     model.build_all()
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model, ReportTokenizer(vocab, config.data.max_length), config
+    return model, make_tokenizer(config, vocab), config
+
+
+def _check_recorded_checkpoints(run: RunDir) -> None:
+    """Warn when a checkpoint folder a run started from (``run.json``'s ``checkpoints``) no longer
+    holds the same files: its tokenizer and architecture are read from it again."""
+    import warnings
+
+    from mmclinic.models.checkpoints import checkpoint_sha256
+
+    recorded = (run.info() if run.info_path.is_file() else {}).get("checkpoints") or {}
+    for role, rec in recorded.items():
+        if rec.get("sha256") and checkpoint_sha256(rec["path"]) != rec["sha256"]:
+            warnings.warn(f"checkpoint folder {rec['path']} ({role}) has changed since run {run.path} started "
+                          "from it (content hash differs): its tokenizer may no longer be the run's", stacklevel=3)
 
 
 def run_text_config(run: str | Path | RunDir) -> TextConfig:

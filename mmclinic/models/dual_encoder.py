@@ -178,6 +178,27 @@ class DualEncoder(keras.Model):
                     out[v.path] = factor
         return out
 
+    def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any) -> dict[str, Any]:
+        """TensorFlow checkpoints (the run's ``tf.train.Checkpoint``) also reach every weight of a
+        tower built from a checkpoint folder by its position in the tower: some keras-hub backbones
+        (ViT's encoder builds its blocks in ``build``) hide layers from TensorFlow's object graph,
+        which would then restore them at random. Positions are the same for the same architecture."""
+        children = super()._trackable_children(save_type, **kwargs)
+        cfg = getattr(self, "_cfg", {})
+        if save_type != "checkpoint" or not self.built or not (
+                cfg.get("dual_checkpoint") or cfg.get("image_tower") == "checkpoint"
+                or cfg.get("text_tower") == "checkpoint"):
+            return children
+        import tensorflow as tf
+
+        holder = self.__dict__.get("_tower_variables")
+        if holder is None:
+            holder = tf.Module(name="checkpoint_tower_variables")
+            holder.image = list(self.image_backbone.weights)
+            holder.text = list(self.text_backbone.weights)
+            object.__setattr__(self, "_tower_variables", holder)  # kept out of Keras's own tracking
+        return {**children, "checkpoint_tower_variables": holder}
+
     def get_build_config(self) -> dict[str, Any]:
         return {"build_all": True}
 

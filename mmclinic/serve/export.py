@@ -43,10 +43,12 @@ class ExportResult:
     checks: dict[str, Any]
 
 
-def build_serving_module(model, vocab: list[str], image_size: int, max_length: int,
+def build_serving_module(model, vocab: "list[str] | Any", image_size: int, max_length: int,
                          text_config: TextConfig | None = None):
     """The exported signatures over ``model``; report text goes through ``text_config``'s model text
-    (:func:`mmclinic.text.model_text.model_text_graph`) before the tokenizer."""
+    (:func:`mmclinic.text.model_text.model_text_graph`) before the tokenizer: a ReportTokenizer on
+    ``vocab`` (a list), or ``vocab`` itself when it is a tokenizer (a checkpoint's own, see
+    :func:`mmclinic.text.tokenizer.make_tokenizer`)."""
     import tensorflow as tf
 
     from mmclinic.data.preprocess import decode_image
@@ -58,7 +60,8 @@ def build_serving_module(model, vocab: list[str], image_size: int, max_length: i
         def __init__(self) -> None:
             super().__init__(name="mmclinic")
             self.model = model
-            self.tokenizer = ReportTokenizer(vocab, max_length)
+            # A run's vocabulary, or a tokenizer (a checkpoint's own, see mmclinic.text.tokenizer.make_tokenizer).
+            self.tokenizer = ReportTokenizer(list(vocab), max_length) if isinstance(vocab, (list, tuple)) else vocab
             self.image_size = tf.constant(image_size)
 
         def _images(self, image_bytes):
@@ -122,8 +125,12 @@ def _model_card(name: str, version: int, run_info: dict[str, Any], config, check
     text = {"small_bert": f"small BERT from scratch ({m.text_layers} layers, hidden {m.text_hidden}, learned WordPiece "
                           "vocabulary)",
             "minilm": "pretrained all-MiniLM-L6-v2 (6 layers, hidden 384, its own vocabulary)",
-            "bert_preset": "pretrained BERT from a local checkpoint folder"}.get(m.text_tower, m.text_tower)
+            "bert_preset": "pretrained BERT from a local checkpoint folder",
+            "checkpoint": f"pretrained from the checkpoint folder {m.dual_checkpoint or m.text_checkpoint} "
+                          "(its own tokenizer)"}.get(m.text_tower, m.text_tower)
     image = f"`{m.image_tower}`" + (" from a local weights file" if m.image_weights else " trained from scratch")
+    if m.image_tower == "checkpoint":
+        image = f"`checkpoint` pretrained from {m.dual_checkpoint or m.image_checkpoint} (its own normalisation)"
     return f"""# Model card: {name} version {version}
 
 - Exported: {dt.date.today().isoformat()} by `mmclinic export`
@@ -219,7 +226,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-export-"))
     try:
         staged = tmp / "model"
-        module = build_serving_module(model, vocab, config.data.image_size, config.data.max_length, text_config)
+        module = build_serving_module(model, tokenizer, config.data.image_size, config.data.max_length, text_config)
         save_serving_model(module, staged)
         import tensorflow_text  # noqa: F401
 

@@ -68,6 +68,23 @@ def _prepare_workdir(config: ExperimentConfig, workdir: Path, data: Path, versio
     return False
 
 
+def _record_checkpoints(workdir: Path, checkpoints: dict[str, dict[str, str]], resuming: bool) -> None:
+    """``run.json``'s ``checkpoints``: each pretrained checkpoint folder the run starts from (path,
+    format, architecture, content hash). A run resumes only on the very same files."""
+    if not checkpoints:
+        return
+    run = RunDir(workdir)
+    if resuming:
+        before = run.info().get("checkpoints") or {}
+        changed = [f"{role} ({rec['path']})" for role, rec in checkpoints.items()
+                   if before.get(role, {}).get("sha256") != rec.get("sha256")]
+        if changed:
+            raise UsageError(f"--workdir {workdir} started from other checkpoint files than those now in "
+                             f"{', '.join(changed)} (content hash differs); refusing to resume. Use a new --workdir.")
+        return
+    run.update_info(checkpoints=checkpoints)
+
+
 def _update_run_json(workdir: Path, **fields: Any) -> None:
     RunDir(workdir).update_info(**fields)
 
@@ -86,14 +103,18 @@ def _vocabulary(own_dir: Path, config: ExperimentConfig, train_reports) -> list[
     """The run's vocabulary: ``vocab.txt`` of the run folder, else the pretrained text tower's own,
     else one learned from the training reports; written to the run folder when new."""
     from mmclinic.models.towers import preset_vocabulary
-    from mmclinic.text.tokenizer import learn_vocabulary, load_vocabulary, save_vocabulary
+    from mmclinic.text.tokenizer import learn_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary, text_checkpoint
 
     vocab_path = RunDir(own_dir).vocab_path
     if vocab_path.is_file():
         return load_vocabulary(vocab_path)
-    # A pretrained text tower brings its own vocabulary; the small BERT learns one.
-    vocab = (preset_vocabulary(config.model.text_tower, config.model.text_preset)
-             or learn_vocabulary(sorted(train_reports["text"]), config.model.vocab_size))
+    # A pretrained text tower brings its own vocabulary (a checkpoint's: its WordPiece tokens or
+    # SentencePiece pieces, recorded; its tokenizer is make_tokenizer's); the small BERT learns one.
+    if text_checkpoint(config.model):
+        vocab = make_tokenizer(config).vocab
+    else:
+        vocab = (preset_vocabulary(config.model.text_tower, config.model.text_preset)
+                 or learn_vocabulary(sorted(train_reports["text"]), config.model.vocab_size))
     save_vocabulary(vocab, vocab_path)
     return vocab
 
@@ -180,7 +201,12 @@ def train(config: ExperimentConfig, data: str | Path, workdir: str | Path, *, qu
     own_dir = workdir if chief else workdir / f"workertemp_{task_index}"
     if not chief:
         shutil.rmtree(own_dir, ignore_errors=True)
+    # Checkpoint folders are checked (and fingerprinted) before anything is written.
+    from mmclinic.models.towers import check_checkpoints
+
+    checkpoints = check_checkpoints(config)
     resuming = _prepare_workdir(config, own_dir, data, version)
+    _record_checkpoints(own_dir, checkpoints, resuming)
 
     import keras
     import tensorflow as tf
@@ -223,14 +249,14 @@ class RunSetup:
 
 def _train(setup: RunSetup) -> TrainResult:
     from mmclinic.data.negatives import split_negatives
-    from mmclinic.text.tokenizer import ReportTokenizer
+    from mmclinic.text.tokenizer import make_tokenizer
     from mmclinic.training.step import MismatchKinds, TrainStep
 
     config, tc = setup.config, setup.config.train
     manifest, train_reports = _read_training_reports(setup.data)
     init = _init_source(setup) if tc.init_from and _latest_checkpoint(setup.workdir) is None else None
     vocab = _vocabulary(setup.own_dir, config, train_reports)
-    tokenizer = ReportTokenizer(vocab, config.data.max_length)
+    tokenizer = make_tokenizer(config, vocab)
     # Mismatch negatives for the match head, from the training split only (seeded, per report).
     kinds = MismatchKinds.from_config(tc)
     negatives = split_negatives(setup.data, "train", tc.seed, kinds.generated_kinds)
@@ -504,7 +530,11 @@ def _run(setup: RunSetup, step: TrainStep, batches: Iterator, *, checkpoints: _C
     t0 = time.time()
     t1, first_done = None, start  # steady-state timing starts after the first (tracing) step
     try:
-        if start >= tc.steps and show:
+        if tc.steps == 0 and checkpoints.manager.latest_checkpoint is None:
+            # train.steps 0: the untrained model (a checkpoint's zero-shot baseline) saved as step 0.
+            checkpoints.save(0)
+            lineage.checkpointed(0)
+        elif start >= tc.steps and show:
             say(f"run already complete at step {start}/{tc.steps}")
         for n in range(start + 1, end + 1):
             out = step(next(batches))
@@ -544,7 +574,7 @@ def _run(setup: RunSetup, step: TrainStep, batches: Iterator, *, checkpoints: _C
                 if val_metrics and show:
                     say("  validation: " + "  ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()))
         done = checkpoints.step
-        complete = done >= tc.steps and start < tc.steps
+        complete = done >= tc.steps and (start < tc.steps or (tc.steps == 0 and not setup.resuming))
         if chief and complete:
             validation.write_projector(workdir)
             registered = lineage.register(model, done)
