@@ -4,6 +4,7 @@ papermill, its parameters pointing at that run; a cell that raises fails the tes
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -91,6 +92,8 @@ def test_real_data_notebook_skips_cleanly_without_data(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "medpix2" / "splitted_dataset").is_dir(), reason="MedPix 2.0 not present")
+@pytest.mark.skipif(os.environ.get("MMCLINIC_NOTEBOOK_REAL_DATA") != "1",
+                    reason="about 2 minutes (ingests all of MedPix 2.0): set MMCLINIC_NOTEBOOK_REAL_DATA=1")
 def test_real_data_notebook_on_medpix2(tmp_path):
     nb = _execute("07_real_data.ipynb", tmp_path, DATA=str(SHARED_DATA / "medpix2"), WORKDIR=str(tmp_path / "w"),
                   STEPS=10, MAX_SIDE=64, IMAGE_SIZE=32)
