@@ -712,7 +712,7 @@ def summary(outcomes: list[Outcome], seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the deterministic subset the test suite runs")
-    parser.add_argument("--timeout", type=float, default=30.0, help="time box per case, seconds (default 30)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="time box per case, seconds (default 60)")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space limit (default 8 GiB)")
     parser.add_argument("--pixel-budget", type=int, default=None,
                         help="bytes (default: the reader's, 1 GiB; with --quick 64 MiB)")

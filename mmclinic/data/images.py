@@ -9,18 +9,29 @@ inverted, so that a higher value is always brighter. Colour (RGB, YBR_FULL,
 YBR_FULL_422, YBR_ICT/RCT, PALETTE COLOR) becomes RGB scaled by its bit depth.
 Enhanced multi-frame files take rescale and window from their functional groups.
 
+DICOM files are Part 10 files (128-byte preamble and 'DICM'), datasets without them
+(older exports and ACR-NEMA files; without file meta the transfer syntax is the
+encoding the dataset parses in), or either compressed with gzip. A DICOMDIR and
+objects whose SOP class is not an image (structured reports, presentation states, RT
+structures, plans and doses, segmentations, waveforms, documents) are refused with
+their own reason codes (``dicomdir``, ``non_image_object``).
+
 PNG and JPEG: 8-bit samples are divided by 255; 16-bit grayscale keeps its precision
 and is scaled min-max (the file carries no window, and 12-bit data in a 16-bit
 container is common, so dividing by 65535 would give a nearly black image). Alpha is
 dropped; a colour image whose three channels are equal becomes grayscale.
 
 Safety: the pixel budget is checked from the header before anything is decoded
-(rows x columns x frames x samples x bytes), a deflated DICOM dataset is inflated
-under the same bound, non-DICOM bytes are never force-read, and only the transfer
-syntaxes in :data:`ALLOWED_TRANSFER_SYNTAXES` are decoded. A decoder cannot be
-interrupted inside one process; :func:`run_with_timeout` runs a read in a decoding
+(rows x columns x frames x samples x bytes), and each JPEG, JPEG-LS or JPEG 2000
+frame must declare the header's size before a decoder sees it (decoders allocate what
+the codestream says); a gzip file and a deflated dataset are inflated under the same
+bound; bytes that do not parse as a dataset are never force-read, and only the
+transfer syntaxes in :data:`ALLOWED_TRANSFER_SYNTAXES` are decoded. A decoder cannot
+be interrupted inside one process; :func:`run_with_timeout` runs a read in a decoding
 worker process (:mod:`mmclinic.data.decode_pool`, the same workers and time box as
 ingest) and stops it after the time box (``decode_timeout=`` of the readers).
+``reliability/corpus.py`` and ``reliability/fuzz.py`` run the reader on generated
+hostile files.
 """
 
 from __future__ import annotations
@@ -145,21 +156,18 @@ def _gunzip(path: Path, limit: int, *, head: bool = False) -> bytes:
     """The decompressed content of a gzip file, refused past ``limit`` bytes (gzip bombs).
 
     ``head=True`` returns the first ``limit`` bytes instead, without error at the limit or at a
-    cut-off stream.
+    cut-off stream. Inflates in steps of at most 16 MiB and holds at most ``limit`` bytes.
     """
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    parts: list[bytes] = []
-    total = 0
+    out = io.BytesIO()
     with open(path, "rb") as fh:
         while not inflater.eof and (chunk := fh.read(1 << 20)):
             data = chunk
             while data and not inflater.eof:
-                part = inflater.decompress(data, limit + 1 - total)
-                parts.append(part)
-                total += len(part)
-                if total > limit:
+                out.write(inflater.decompress(data, min(1 << 24, limit + 1 - out.tell())))
+                if out.tell() > limit:
                     if head:
-                        return b"".join(parts)[:limit]
+                        return out.getvalue()[:limit]
                     raise errors.PixelBudgetExceeded(
                         f"{path.name}: gzip-compressed file decompresses to more than {limit} bytes (the pixel "
                         f"budget plus {_HEADER_ALLOWANCE} bytes of header)"
@@ -167,7 +175,7 @@ def _gunzip(path: Path, limit: int, *, head: bool = False) -> bytes:
                 data = inflater.unconsumed_tail
     if not inflater.eof and not head:
         raise errors.TruncatedFile(f"{path.name}: the gzip stream ends before its end marker (truncated)")
-    return b"".join(parts)
+    return out.getvalue()
 
 
 def _head(path: Path) -> tuple[bytes, bool]:

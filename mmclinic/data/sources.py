@@ -278,7 +278,7 @@ def scan_dicom(source: Path, **_: Any) -> SourceScan:
     images = []
     for p in _image_files(source, tables):
         rel = p.relative_to(source).as_posix()
-        why = outside_source(p, source)
+        why = outside_source(p, source) if p.is_symlink() else None  # rglob does not descend linked folders
         if why:
             _refuse_path(quarantine, rel, f"{p.name}: {why}; it is not read")
             continue
@@ -466,7 +466,7 @@ def scan_medpix2(source: Path, **_: Any) -> SourceScan:
                 quarantine.append({"source_path": case["_where"], "reason_code": "missing_image", "kind": "report",
                                    "message": f"{case['_where']}: case has no image in descriptions_{split}.jsonl"})
     for path in _image_files(image_dir, referenced):
-        why = outside_source(path, source)
+        why = outside_source(path, source) if path.is_symlink() or image_dir.is_symlink() else None
         if why:
             _refuse_path(quarantine, path.relative_to(source).as_posix(), f"{path.name}: {why}; it is not read")
             continue
