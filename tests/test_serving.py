@@ -19,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 PLANTED = "Zebediah Quartermaine MRN 99887766"
+BROKEN_PNG = b"\x89PNG\r\n\x1a\n" + PLANTED.encode()  # a PNG signature, then no image
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,10 @@ def test_malformed_requests_get_4xx_json_errors_that_never_echo_inputs(server, d
          400, "not valid base64"),
         ("POST", "/v1/models/tiny:predict",
          {"instances": [{"image_bytes": {"b64": base64.b64encode(PLANTED.encode()).decode()},
-                         "report_text": PLANTED}]}, 400, "cannot run on these inputs"),
+                         "report_text": PLANTED}]}, 400, "not PNG, JPEG, BMP or GIF bytes"),
+        ("POST", "/v1/models/tiny:predict",
+         {"instances": [{"image_bytes": {"b64": base64.b64encode(BROKEN_PNG).decode()}, "report_text": PLANTED}]},
+         400, "cannot run on these inputs"),
         ("POST", "/v1/models/tiny:predict", {"signature_name": "nope", "instances": []}, 400, "no signature 'nope'"),
         ("POST", "/v1/models/tiny:predict", {"instances": [{"image_bytes": img, "report_text": "x"}] * 5}, 413,
          "at most 4"),
@@ -209,7 +213,7 @@ def test_dynamic_batching_merges_concurrent_requests_and_isolates_bad_ones(serve
     texts = [f"Finding number {i}: small left pleural effusion." for i in range(6)]
     want = tf.saved_model.load(str(exported_model.path)).signatures["serving_default"](
         image_bytes=tf.constant(pngs), report_text=tf.constant(texts))["match_score"].numpy()
-    bad = {"instances": [{"image_bytes": {"b64": base64.b64encode(PLANTED.encode()).decode()},
+    bad = {"instances": [{"image_bytes": {"b64": base64.b64encode(BROKEN_PNG).decode()},
                           "report_text": PLANTED}]}
     results: dict[int, tuple[int, object]] = {}
 
@@ -293,9 +297,9 @@ def test_new_versions_are_hot_loaded_without_failing_requests(hot_base, dataset)
         codes: list[int] = []
         stop = threading.Event()
 
-        def load():  # requests keep arriving while versions come and go (bounded: 60 s)
+        def load():  # requests keep arriving while versions come and go (bounded: 300 s)
             conn = http.client.HTTPConnection(*httpd.server_address[:2], timeout=60)
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 300
             while not stop.is_set() and time.monotonic() < deadline:
                 codes.append(_call(httpd, "POST", "/v1/models/tiny:predict", body, conn)[0])
             conn.close()
@@ -304,7 +308,7 @@ def test_new_versions_are_hot_loaded_without_failing_requests(hot_base, dataset)
         for t in clients:
             t.start()
 
-        def wait_for(versions, seconds=60):
+        def wait_for(versions, seconds=180):  # loading competes with the clients for the CPU
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
                 if _call(httpd, "GET", "/healthz")[1]["models"]["tiny"] == versions:
@@ -320,10 +324,10 @@ def test_new_versions_are_hot_loaded_without_failing_requests(hot_base, dataset)
         assert _call(httpd, "GET", "/healthz")[1]["models"]["tiny"] == [1]
         # Export's rename makes version 2 complete: it is loaded, then swapped in; version 1 goes.
         (folder / ".incoming-2").rename(folder / "2")
-        assert wait_for([2])
+        assert wait_for([2]), log.getvalue()
         # A label keeps version 1 served beside the latest.
         (folder / "version_labels.json").write_text(json.dumps({"stable": 1, "canary": 2}))
-        assert wait_for([1, 2])
+        assert wait_for([1, 2]), log.getvalue()
         code, st = _call(httpd, "GET", "/v1/models/tiny/labels/canary")
         assert code == 200 and [s["version"] for s in st["model_version_status"]] == ["2"]
         # A version that cannot be loaded is logged and skipped; what was served stays served.
@@ -333,7 +337,7 @@ def test_new_versions_are_hot_loaded_without_failing_requests(hot_base, dataset)
         assert _call(httpd, "GET", "/healthz")[1]["models"]["tiny"] == [1, 2]
         stop.set()
         for t in clients:
-            t.join(90)
+            t.join(120)
         _, metrics = _call(httpd, "GET", "/metrics")
     assert codes and set(codes) == {200}, dict(collections.Counter(codes))
     assert "loaded tiny version 2" in log.getvalue() and "unloaded tiny version 1" in log.getvalue()

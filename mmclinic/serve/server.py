@@ -69,6 +69,7 @@ _ROUTE = re.compile(r"^/v1/models/(?P<name>[A-Za-z0-9_.-]+)"
                     r"(?P<rest>/metadata|:[A-Za-z]+)?$")
 _DTYPES = {"string": "DT_STRING", "float32": "DT_FLOAT", "float64": "DT_DOUBLE", "int32": "DT_INT32",
            "int64": "DT_INT64", "bool": "DT_BOOL"}
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a")  # what decode_image reads
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -587,12 +588,16 @@ class ModelServer:
         """A column as the model call takes it: a list of bytes for strings, else a numpy array."""
         if spec.dtype == self._tf.string:
             out = []
+            images = name == "image_bytes"
             for i, v in enumerate(values):
                 if isinstance(v, dict) and set(v) == {"b64"} and isinstance(v["b64"], str):
                     try:
                         out.append(base64.b64decode(v["b64"], validate=True))
                     except (binascii.Error, ValueError):
                         raise HttpError(400, f"{name}[{i}]: field b64 is not valid base64") from None
+                    if images and not out[-1].startswith(_IMAGE_MAGIC):
+                        # Refused here, not in the model call: a batch holding it would be re-run.
+                        raise HttpError(400, f"{name}[{i}]: not PNG, JPEG, BMP or GIF bytes")
                 elif isinstance(v, str):
                     if name == "report_text" and not v.strip():
                         raise HttpError(400, f"{name}[{i}] is empty: a report needs text to be matched")
@@ -812,10 +817,13 @@ def make_http_server(model_base: str | Path, host: str = "127.0.0.1", port: int 
         raise UsageError("--max-batch-size must be at least 1, --batch-timeout-ms and --poll-seconds not negative")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP
+        # (without it, a response's header and body writes wait 40 ms for the client's delayed ACK).
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+        sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
     except OSError as exc:
         raise UsageError(f"--host {host} --port {port}: cannot listen ({exc.strerror or type(exc).__name__})") \
             from None
