@@ -260,3 +260,22 @@ def test_cls_pooling_differs_from_mean_pooling(model):
     a, b = model(_inputs()), clone(_inputs())
     assert np.allclose(np.asarray(a["image_emb"]), np.asarray(b["image_emb"]))
     assert not np.allclose(np.asarray(a["text_emb"]), np.asarray(b["text_emb"]))
+
+
+def test_checkpoint_towers_follow_the_mixed_precision_policy(tiny_checkpoints):
+    """A preset saved in float32 (its config.json records the dtype, SigLIP's for each encoder)
+    computes in the precision in force when it is built (train.precision), not its saved one."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        m = DualEncoder(**{**SMALL, "max_length": 16, "image_tower": "checkpoint", "text_tower": "checkpoint",
+                           "dual_checkpoint": str(tiny_checkpoints["siglip"])})
+        m.build_all()
+    finally:
+        keras.config.set_dtype_policy(before)
+    assert m.text_backbone.dtype_policy.name == "mixed_bfloat16"
+    assert all(layer.dtype_policy.name == "mixed_bfloat16" for layer in m.image_backbone.layers)
+    out = m(model_inputs(32, 16, 40, 2))
+    assert out["image_emb"].dtype == "float32" and out["text_emb"].dtype == "float32"

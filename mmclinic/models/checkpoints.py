@@ -834,12 +834,20 @@ def _load_backbone(info: CheckpointInfo, load_weights: bool, image_size: int | N
         _require_weights(info)
     folder = info.folder
     if info.format == KERAS_HUB:
-        kwargs = {}
+        # The precision in force (train.precision), not the one the preset was saved in: a preset's
+        # config.json records its dtype (float32), which would silently override mixed precision.
+        kwargs: dict[str, Any] = {"dtype": keras.config.dtype_policy().name}
         if info.family == "dinov2" and image_size is not None:
             kwargs["image_shape"] = (image_size, image_size, 3)
         try:
-            # An absolute path, never a preset name keras-hub would download.
-            return keras_hub.models.Backbone.from_preset(str(folder), load_weights=load_weights, **kwargs)
+            # An absolute path, never a preset name keras-hub would download. keras-hub's own loader
+            # (Backbone.from_preset's), with the sub-models' saved dtypes left out so that the
+            # precision given reaches them too (SigLIPBackbone's two encoders).
+            from keras_hub.src.utils.preset_utils import get_preset_loader
+
+            loader = get_preset_loader(str(folder))
+            loader.config = _without_nested_dtypes(loader.config)
+            return loader.load_backbone(loader.check_backbone_class(), load_weights, **kwargs)
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 - keras-hub and h5py raise many kinds
@@ -875,6 +883,21 @@ def _load_backbone(info: CheckpointInfo, load_weights: bool, image_size: int | N
                           "at their initial values (BERT's pooled_output is untrained; mmclinic pools "
                           "sequence_output)", stacklevel=3)
     return backbone
+
+
+def _without_nested_dtypes(config: Any, top: bool = True) -> Any:
+    """A serialized keras-hub backbone config without the ``dtype`` its nested sub-models were
+    saved with (the top level's is replaced by the loader's ``dtype`` argument)."""
+    if isinstance(config, dict):
+        out = {}
+        for k, v in config.items():
+            if k == "dtype" and not top:
+                continue
+            out[k] = _without_nested_dtypes(v, top and k == "config")
+        return out
+    if isinstance(config, list):
+        return [_without_nested_dtypes(v, False) for v in config]
+    return config
 
 
 def _native_size(info: CheckpointInfo) -> int:
