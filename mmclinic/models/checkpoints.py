@@ -828,7 +828,6 @@ def _timm_converter(folder: Path, family: str, config: dict[str, Any]) -> tuple[
 
 def _load_backbone(info: CheckpointInfo, load_weights: bool, image_size: int | None = None) -> Any:
     """The keras-hub backbone of a checkpoint, with its weights when ``load_weights``."""
-    import keras_hub
 
     if load_weights:
         _require_weights(info)
