@@ -169,17 +169,12 @@ def _paired(runs: list[RunRecord], data: DatasetDir, split: str, boot: int,
 
 
 def _plots(runs: list[RunRecord], paired: list[dict[str, Any]]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmclinic.eval.report_html import figure_png
+    from mmclinic.eval.report_html import figure_png, subplots  # figures outside pyplot: no backend switch
 
     out: dict[str, bytes] = {}
     names = [m for m in KEY_METRICS if any(m in r.metrics for r in runs)]
     if names:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(names) * max(1, len(runs)) ** 0.5))
+        fig, ax = subplots((7, 0.5 + 0.45 * len(names) * max(1, len(runs)) ** 0.5))
         h = 0.8 / len(runs)
         for j, r in enumerate(runs):
             ys = np.arange(len(names)) + j * h
@@ -195,7 +190,7 @@ def _plots(runs: list[RunRecord], paired: list[dict[str, Any]]) -> dict[str, byt
         out["metrics"] = figure_png(fig)
     done = [p for p in paired if p["difference"] is not None and p["ci95"]]
     if done:
-        fig, ax = plt.subplots(figsize=(7, 0.8 + 0.5 * len(done)))
+        fig, ax = subplots((7, 0.8 + 0.5 * len(done)))
         ys = np.arange(len(done))
         d = np.array([p["difference"] for p in done])
         lo = np.array([p["ci95"][0] for p in done])

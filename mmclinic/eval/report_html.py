@@ -101,7 +101,7 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _subplots(figsize: tuple[float, float]):
+def subplots(figsize: tuple[float, float]):
     """A figure outside pyplot (no backend switch: a notebook keeps its inline plots)."""
     from matplotlib.figure import Figure
 
@@ -117,7 +117,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
         (k, (kinds == "match") | (kinds == k)) for k in sorted(set(kinds) - {"match"})]
     for name, points, xl, yl in (("roc", metrics.roc_points, "false-positive rate", "true-positive rate"),
                                  ("pr", metrics.pr_points, "recall", "precision")):
-        fig, ax = _subplots((5.5, 4.5))
+        fig, ax = subplots((5.5, 4.5))
         for label, m in groups:
             pts = points(labels[m], score[m])
             if pts is not None:
@@ -130,7 +130,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
         ax.legend(fontsize=7, loc="lower right" if name == "roc" else "lower left")
         out[name] = figure_png(fig)
 
-    fig, ax = _subplots((5.5, 4.5))
+    fig, ax = subplots((5.5, 4.5))
     for key, label in (("i2t", "image→text"), ("t2i", "text→image"), ("i2t_dedup", "image→text (dedup)"),
                        ("t2i_dedup", "text→image (dedup)")):
         r = details[key]
@@ -144,7 +144,7 @@ def make_plots(report: dict[str, Any], details: dict[str, Any]) -> dict[str, byt
     out["recall_at_k"] = figure_png(fig)
 
     cal = report["calibration"]
-    fig, ax = _subplots((5, 5))
+    fig, ax = subplots((5, 5))
     ax.plot([0, 1], [0, 1], ls=":", c="grey", label="perfect calibration")
     for rel, label in ((cal["reliability"], f"raw (ECE {fmt(cal['ece'], 3).split(' ')[0]})"),
                        (cal.get("temperature_scaling", {}).get("reliability"),
