@@ -24,6 +24,8 @@ Reason codes of one input (an image file or a table row):
   named by it); an image without one is otherwise accepted.
 - ``unsafe_path``: a path named by a table (absolute, climbing out with ``..``) or a symbolic link
   that resolves outside the source folder; it is never read.
+- ``missing_patient_id``: with ``--write-dicom``, a DICOM file without PatientID (no pseudonym or
+  date shift for its de-identified copy).
 - ``burned_in_annotation``, ``missing_image``, ``missing_report``, ``missing_patient``,
   ``empty_report``, ``duplicate``, ``conflicting_report``, ``bad_input``, ``bad_text``: see the
   README's Ingest section.
