@@ -182,3 +182,27 @@ def test_warmup_requests_run_on_the_exported_model(exported_model, tmp_path):
     for _, signature, inputs in _requests(base / "tiny" / "1" / tfserving.WARMUP_FILE):
         out = module.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
         assert all(v.shape[0] == len(next(iter(inputs.values()))) for v in out.values())
+
+
+@pytest.mark.slow
+def test_tflite_image_towers_are_measured_written_or_refused(exported_model, trained_run, tmp_path):
+    from mmclinic.serve.tflite import quantize
+
+    version = tmp_path / "tiny" / "1"
+    shutil.copytree(exported_model.path, version)
+    r = quantize(version, trained_run, max_drop=1.0)
+    for mode in ("float16", "int8"):
+        m = r["image_tower"][mode]
+        assert m["accepted"] and (version / "assets.extra" / "tflite" / f"image_tower_{mode}.tflite").is_file()
+        assert set(m["drop"]) == {"image_to_text_R@5", "mismatch_auroc"} and m["bytes"] > 0
+    assert r["image_tower"]["int8"]["bytes"] < r["image_tower"]["float32"]["bytes"]
+    assert r["image_tower"]["float16"]["max_embedding_cosine_distance"] < 0.01
+    card = (version / "assets.extra" / "model_card.md").read_text()
+    assert "## TFLite (test split" in card and "TFLite int8 image tower" in card
+    # A negative allowance refuses every quantised tower; the card says so and is not duplicated.
+    shutil.rmtree(version / "assets.extra" / "tflite")
+    r = quantize(version, trained_run, max_drop=-1.0)
+    assert not any(m["accepted"] for k, m in r["image_tower"].items() if k != "float32")
+    assert not list((version / "assets.extra" / "tflite").glob("*.tflite"))
+    card = (version / "assets.extra" / "model_card.md").read_text()
+    assert card.count("## TFLite (") == 1 and "REFUSED" in card
