@@ -40,7 +40,7 @@ reliability: $(STAMP)
 	$(VENV)/bin/python reliability/fuzz.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mmclinic tests bench
+	$(VENV)/bin/ruff check mmclinic tests bench reliability
 	$(VENV)/bin/python -m pytest -q tests/test_layout.py
 
 # JupyterLab on the project's environment: installs .venv as the kernel "mmclinic (.venv)" and opens
