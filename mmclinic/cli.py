@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, metavar="DATASET")
     s.add_argument("--workdir", metavar="RUN")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--reviews", metavar="DB|CSV", help="reviewers' decisions (scores database or decisions CSV): "
+                   "confirmed mismatches become the 'reviewed' negatives (train.reviews)")
+    s.add_argument("--init-from", metavar="RUN|models:/NAME@ALIAS", help="start from these weights "
+                   "(train.init_from), e.g. models:/NAME@champion")
 
     s = sub.add_parser("evaluate", help="score a run or exported model; write REPORT.json")
     s.add_argument("target", metavar="RUN|MODEL_DIR")
@@ -117,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--export", metavar="CSV", help="write the decisions (pair_id, status, reviewer, note) and exit")
     s.add_argument("--import", dest="import_csv", metavar="CSV", help="record the decisions of a CSV and exit")
 
+    s = sub.add_parser("promote", help="move MLflow alias champion and serving label stable to the vetted challenger")
+    s.add_argument("name", metavar="NAME", help="the registered model (export.name)")
+    s.add_argument("--version", help="a vetted registered version instead of the challenger")
+
+    s = sub.add_parser("rollback", help="move champion and stable back to the previous champion")
+    s.add_argument("name", metavar="NAME")
+
     s = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> export -> score")
     s.add_argument("--workdir", default="demo_run", metavar="DIR")
     s.add_argument("--patients", type=int, default=80)
@@ -162,7 +173,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from mmclinic.training.loop import train_from_file
 
-        r = train_from_file(args.experiment, args.data, args.workdir, args.overrides)
+        r = train_from_file(args.experiment, args.data, args.workdir, args.overrides, reviews=args.reviews,
+                            init_from=args.init_from)
         print(f"run {r.workdir}: step {r.step}, MLflow run {r.mlflow_run_id}")
     elif args.command == "evaluate":
         from mmclinic.eval.evaluate import evaluate, headline
@@ -207,6 +219,16 @@ def _run(args: argparse.Namespace) -> int:
             from mmclinic.serve.review import serve_review
 
             serve_review(args.db, args.host, args.port, args.reviewer)
+    elif args.command in ("promote", "rollback"):
+        from mmclinic.serve import registry
+
+        if args.command == "promote":
+            e = registry.promote(args.name, args.version)
+        else:
+            e = registry.rollback(args.name)
+        print(f"{args.name}: version {e['version']} is now champion (serving label stable"
+              + (f" -> {e['labels'].get('stable')}" if e.get("labels") else "") + "); previous champion: "
+              + (f"version {e['previous']}" if e.get("previous") else "none") + f"; recorded as {e['who']} at {e['when']}")
     elif args.command == "demo":
         from mmclinic.demo import run_demo
 

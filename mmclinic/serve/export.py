@@ -222,6 +222,10 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     threshold = rep["mismatch"]["threshold_at_target_sensitivity"]["threshold"]
     check("operating_threshold", threshold is not None,
           f"mismatch threshold for sensitivity {config.eval.target_sensitivity} on validation pairs")
+    if config.export.champion_gates:  # not worse than the registered champion (paired patient bootstrap)
+        from mmclinic.serve.registry import champion_check
+
+        check("not_worse_than_champion", *champion_check(run_dir, config, val))
 
     tmp = Path(tempfile.mkdtemp(prefix="mmclinic-export-"))
     try:
@@ -267,4 +271,7 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
         write_tfserving_files(model_base, name)  # models.config, batching, monitoring, warm-up requests
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    from mmclinic.serve.registry import mark_challenger  # MLflow alias challenger, serving label canary
+
+    mark_challenger(run_dir, config, name, dest, version)
     return ExportResult(path=dest, version=version, checks=checks)
