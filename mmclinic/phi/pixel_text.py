@@ -6,26 +6,33 @@ text in a display-ready image and returns only where it is and how much of it th
 is, never what it says (the text *is* the identifying information): no function here
 returns, logs or raises with recognised text.
 
-Two stages, so that an image without text costs a few milliseconds and no OCR call:
+Two stages, so that an image with nothing text-like costs ~20 ms of CPU and no OCR call
+(bench/pixel_text.py measures rates and cost):
 
 1. Candidates. Overlay text is thin strokes of high contrast against the local
    background. A morphological top-hat (the image minus its grey opening; for dark
    text, the closing minus the image) with a window wider than a stroke keeps strokes
    and flattens anatomy, gradients and labels' backgrounds. Its connected components of
    character size (:data:`MIN_CHAR_HEIGHT` .. :data:`MAX_CHAR_HEIGHT` pixels high) are
-   chained into lines (similar heights, overlapping rows, gaps under about a character
-   height); a line of two or more characters, or one merged run wider than it is tall,
-   is a candidate. Bright and dark text are searched separately (white-on-black
-   overlays are the rule in ultrasound and CT, black-on-white labels in scans).
+   chained into lines (similar heights, tops or bottoms aligned, gaps under about a
+   character height); components with strokes too thick for their height (blobs of
+   texture) are left out. A line of ``MIN_CHARS`` or more characters, or one merged run
+   wider than it is tall, is a candidate. Bright and dark text are searched separately
+   (white-on-black overlays are the rule in ultrasound and CT, black-on-white labels in
+   scans).
 2. Verification. Every candidate line is cut out of the top-hat response (dark text on
-   white, background gone), enlarged to a line height Tesseract reads well, and all of
-   them go to Tesseract together (``image_to_data``, sparse-text page segmentation) in
-   one montage. A line is text when it holds a word of at least ``min_chars``
-   alphanumeric characters read with confidence ``min_confidence`` or more.
+   white, background gone), enlarged to a character height Tesseract reads well, and all
+   of them go to Tesseract together (``image_to_data``, sparse-text page segmentation)
+   in one montage. A line is text when it holds a word of at least ``MIN_CHARS``
+   alphanumeric characters read with confidence ``MIN_CONFIDENCE`` or more (two-letter
+   words are what Tesseract hallucinates on texture).
 
-:func:`redact` blacks out the boxes :func:`detect_text` returns (each line's box with a
-margin). Needs the ``tesseract`` program (Debian/Ubuntu: ``apt-get install
-tesseract-ocr``) and the ``pytesseract`` package; :func:`require_tesseract` says so.
+:func:`redact` blacks out boxes (each line's box with a margin); :func:`redact_text`
+detects and redacts until no text is found. Needs the ``tesseract`` program
+(Debian/Ubuntu: ``apt-get install tesseract-ocr``) and the ``pytesseract`` package;
+:func:`require_tesseract` says so. pytesseract passes the image and reads Tesseract's
+output through temporary files (removed after each call): the decoding workers point
+them into the dataset's scratch folder.
 """
 
 from __future__ import annotations
@@ -153,12 +160,12 @@ def _ocr_rows(image: np.ndarray) -> list[float]:
 def to_gray_uint8(pixels: np.ndarray) -> np.ndarray:
     """Display-ready pixels (float in [0, 1], or uint8; grayscale or RGB) as 8-bit grayscale."""
     arr = np.asarray(pixels)
-    if arr.ndim == 3:
-        arr = arr[..., :3].mean(axis=-1) if arr.dtype != np.uint8 else arr[..., :3].mean(axis=-1).round()
-    if arr.dtype == np.uint8:
-        return arr.astype(np.uint8)
+    if arr.ndim == 3:  # the channels' mean, on the [0, 1] scale
+        arr = arr[..., :3].mean(axis=-1) / (255.0 if arr.dtype == np.uint8 else 1.0)
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D or HxWx3 image, got shape {np.shape(pixels)}")
+    if arr.dtype == np.uint8:
+        return arr
     return np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)
 
 
