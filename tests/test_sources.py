@@ -211,6 +211,8 @@ def test_burned_in_annotation_policy(synth_source, tmp_path):
     ingest(src, tmp_path / "keep", "dicom", tmp_path / "k", OPTS)
     m = pd.read_parquet(tmp_path / "keep" / "manifest.parquet")
     assert int(m["burned_in"].sum()) == 1
+    if shutil.which("tesseract") is None:  # quarantine also searches pixels for text
+        pytest.skip("--burned-in quarantine needs Tesseract OCR: apt-get install tesseract-ocr")
     ingest(src, tmp_path / "quar", "dicom", tmp_path / "k", IngestOptions(max_side=64, workers=2,
                                                                            burned_in="quarantine"))
     q = _quarantine(tmp_path / "quar")
