@@ -297,6 +297,11 @@ class RunDir:
 
     # ----- checkpoints
 
+    def pretrained_checkpoints(self) -> dict[str, Any]:
+        """``run.json``'s ``checkpoints``: the checkpoint folders the run started from, by role
+        (path, format, architecture, content hash); empty for towers built from scratch."""
+        return (self.info() if self.info_path.is_file() else {}).get("checkpoints") or {}
+
     def latest_checkpoint(self) -> str | None:
         """The checkpoint prefix ``checkpoints/checkpoint`` names (as ``tf.train.latest_checkpoint``
         gives it), or None when there is none or its files are gone."""
@@ -422,6 +427,11 @@ class ExportedModel:
         return self.path / self.METADATA
 
     @property
+    def tflite_dir(self) -> Path:
+        """``assets.extra/tflite/``: the quantised towers ``mmclinic.serve.tflite`` writes."""
+        return self.path / "assets.extra" / "tflite"
+
+    @property
     def model_card_path(self) -> Path:
         return self.path / self.MODEL_CARD
 
@@ -496,6 +506,10 @@ class ModelFolder:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def labels_path(self) -> Path:
+        return self.path / self.LABELS
 
     @property
     def versions(self) -> list[int]:

@@ -206,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         r = score(args.model_dir, data=args.data, input_csv=args.input, db=args.db, split=args.split)
         print(f"scored {r.pairs} pairs ({r.failed} unreadable), {r.flagged} flagged; run {r.scoring_run_id} in {r.db}")
     elif args.command == "review":
-        from mmclinic.serve import review_queue
+        from mmclinic.data import review_queue
 
         if args.export or args.import_csv:
             if args.import_csv:

@@ -94,7 +94,8 @@ def test_checkpoint_folders_are_checked_before_a_run_starts(folders, tmp_path):
 
 def test_a_checkpoint_tower_run_uses_the_checkpoints_tokenizer(folders):
     from mmclinic.models.checkpoints import CheckpointTokenizer
-    from mmclinic.text.tokenizer import ReportTokenizer, make_tokenizer
+    from mmclinic.models.tokenizers import make_tokenizer
+    from mmclinic.text.tokenizer import ReportTokenizer
 
     cfg = load_config(TINY, _dual(folders["siglip"]))
     tok = make_tokenizer(cfg)

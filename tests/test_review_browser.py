@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from mmclinic.serve import review_queue as rq
+from mmclinic.data import review_queue as rq
 
 REPORTS = ["FINDINGS: Small left pleural effusion. IMPRESSION: Effusion.",
            "FINDINGS: Heart size normal. Seen by Dr. John Smith on 03/04/2021. IMPRESSION: Normal.",

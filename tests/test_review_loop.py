@@ -29,7 +29,7 @@ def test_review_loop(dataset, trained_run, exported_model, tmp_path):
     from mmclinic.errors import UsageError
     from mmclinic.eval.embedding import load_split
     from mmclinic.serve import registry
-    from mmclinic.serve import review_queue as rq
+    from mmclinic.data import review_queue as rq
     from mmclinic.serve.export import export
     from mmclinic.serve.scoring import score
     from mmclinic.tracking import tracking_uri

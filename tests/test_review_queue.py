@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from mmclinic.errors import UsageError
-from mmclinic.serve import review_queue as rq
+from mmclinic.data import review_queue as rq
 
 
 def _enqueue(db, run="run-1", version=1, n=6, flagged=None, batch_size=500):

@@ -59,7 +59,8 @@ def test_retrain_from_a_run_with_decisions(dataset, trained_run, tmp_path):
     from mmclinic.data.negatives import load_reviews, split_negatives
     from mmclinic.data.pipeline import make_dataset
     from mmclinic.eval.scorers import load_run_model
-    from mmclinic.text.tokenizer import load_vocabulary, make_tokenizer
+    from mmclinic.models.tokenizers import make_tokenizer
+    from mmclinic.text.tokenizer import load_vocabulary
     from mmclinic.tracking import tracking_uri
     from mmclinic.training.loop import train, train_from_file, weights_sha256
 

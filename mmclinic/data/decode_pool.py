@@ -106,6 +106,7 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
     scanned = {"frames": 0, "with_text": 0, "regions": 0}  # pixel text (quarantine / redact): counts only
     try:
         ident: dict[str, Any] = {}
+        burned = ""
         records: list[ImageRecord]
         if path.is_file() and is_dicom(path):
             ds = open_dicom(path)
@@ -137,7 +138,7 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
             (Path(settings.out_dir) / name).write_bytes(png)
             images.append({"png": name, "sha256": hashlib.sha256(png).hexdigest(),
                            "phash": perceptual_hash(small), "meta": meta})
-        if ident and settings.dicom_out_dir and not scanned["with_text"]:  # no copy of a redacted file: its
+        if ident and settings.dicom_out_dir and not scanned["with_text"] and not (burned == "YES" and settings.burned_in == "redact"):  # no copy of a redacted file: its
             from mmclinic.phi.annex_e import deidentify_dataset            # original pixels hold the text
             from mmclinic.phi.dicom_deid import Pseudonymizer
 

@@ -185,7 +185,7 @@ def load_reviews(spec: str | Path) -> Reviews:
     """The decisions of a scores database (an SQLAlchemy URL or an SQLite file: its
     ``review_queue``) or of a decisions CSV (``pair_id, status, reviewer, note``; the last row of
     a pair wins)."""
-    from mmclinic.serve import review_queue
+    from mmclinic.data import review_queue
 
     spec = str(spec)
     if spec.lower().endswith(".csv") and "://" not in spec:

@@ -54,7 +54,8 @@ def load_run_model(run: str | Path | RunDir):
 
     from mmclinic.models.dual_encoder import from_model_config
     from mmclinic.models.towers import model_checkpoints
-    from mmclinic.text.tokenizer import load_vocabulary, make_tokenizer
+    from mmclinic.models.tokenizers import make_tokenizer
+    from mmclinic.text.tokenizer import load_vocabulary
 
     run = run if isinstance(run, RunDir) else RunDir.open(run, "RUN")
     config = run.config()
@@ -68,7 +69,8 @@ def load_run_model(run: str | Path | RunDir):
     model = from_model_config(config.model, config.data.image_size, config.data.max_length, len(vocab),
                               load_pretrained=not pretrained)
     model.build_all()
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    # every weight of the model must come from the run: never a silent random init
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
     return model, make_tokenizer(config, vocab), config
 
 
@@ -79,7 +81,7 @@ def _check_recorded_checkpoints(run: RunDir) -> None:
 
     from mmclinic.models.checkpoints import checkpoint_sha256
 
-    recorded = (run.info() if run.info_path.is_file() else {}).get("checkpoints") or {}
+    recorded = run.pretrained_checkpoints()
     for role, rec in recorded.items():
         if rec.get("sha256") and checkpoint_sha256(rec["path"]) != rec["sha256"]:
             warnings.warn(f"checkpoint folder {rec['path']} ({role}) has changed since run {run.path} started "

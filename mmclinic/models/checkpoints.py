@@ -1003,14 +1003,14 @@ def load_text_encoder(folder: str | Path, max_length: int | None = None,
     info = inspect_checkpoint(folder)
     if TEXT not in info.roles:
         raise _fail(info.folder, f"a {info.architecture} checkpoint is an image encoder; it cannot be the text tower")
-    prep = _text_length(info, max_length)
+    prep = text_preprocessing_for(info, max_length)
     backbone = _load_backbone(info, load_weights)
     if info.architecture == "SigLIPBackbone":
         backbone = backbone.text_encoder
     return backbone, prep, CheckpointTokenizer(prep)
 
 
-def _text_length(info: CheckpointInfo, max_length: int | None) -> TextPreprocessing:
+def text_preprocessing_for(info: CheckpointInfo, max_length: int | None) -> TextPreprocessing:
     prep = info.text
     assert prep is not None
     if max_length is None:
@@ -1062,7 +1062,7 @@ def checkpoint_tokenizer(folder: str | Path, max_length: int | None = None) -> C
     info = inspect_checkpoint(folder)
     if TEXT not in info.roles:
         raise _fail(info.folder, f"a {info.architecture} checkpoint is an image encoder; it has no tokenizer")
-    return CheckpointTokenizer(_text_length(info, max_length))
+    return CheckpointTokenizer(text_preprocessing_for(info, max_length))
 
 
 def checkpoint_sha256(folder: str | Path) -> str:

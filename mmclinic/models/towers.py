@@ -223,7 +223,7 @@ def check_checkpoints(config, fingerprint: bool = True) -> dict[str, dict[str, s
                              f"{info.image.image_size} px ({info.image.source}) but data.image_size is "
                              f"{config.data.image_size}; set data.image_size: {info.image.image_size}")
         if "text" in needs:
-            ck._text_length(info, config.data.max_length)  # noqa: SLF001 - the same check the loader makes
+            ck.text_preprocessing_for(info, config.data.max_length)  # the same check the loader makes
         records[role] = {"path": str(info.folder), "format": info.format, "architecture": info.architecture}
         if fingerprint:
             records[role]["sha256"] = ck.checkpoint_sha256(info.folder)

@@ -48,7 +48,7 @@ def build_serving_module(model, vocab: "list[str] | Any", image_size: int, max_l
     """The exported signatures over ``model``; report text goes through ``text_config``'s model text
     (:func:`mmclinic.text.model_text.model_text_graph`) before the tokenizer: a ReportTokenizer on
     ``vocab`` (a list), or ``vocab`` itself when it is a tokenizer (a checkpoint's own, see
-    :func:`mmclinic.text.tokenizer.make_tokenizer`)."""
+    :func:`mmclinic.models.tokenizers.make_tokenizer`)."""
     import tensorflow as tf
 
     from mmclinic.data.preprocess import decode_image
@@ -60,7 +60,7 @@ def build_serving_module(model, vocab: "list[str] | Any", image_size: int, max_l
         def __init__(self) -> None:
             super().__init__(name="mmclinic")
             self.model = model
-            # A run's vocabulary, or a tokenizer (a checkpoint's own, see mmclinic.text.tokenizer.make_tokenizer).
+            # A run's vocabulary, or a tokenizer (a checkpoint's own, see mmclinic.models.tokenizers.make_tokenizer).
             self.tokenizer = ReportTokenizer(list(vocab), max_length) if isinstance(vocab, (list, tuple)) else vocab
             self.image_size = tf.constant(image_size)
 

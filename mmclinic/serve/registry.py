@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mmclinic.artifacts import ExportedModel, ModelFolder
 from mmclinic.errors import MmclinicError, UsageError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -196,30 +197,30 @@ def champion_check(run_dir, config, split_data, split: str = "val") -> tuple[boo
 
 
 def _write_labels(folder: Path, update: dict[str, int | None]) -> dict[str, int]:
-    path = folder / "version_labels.json"
+    path = ModelFolder(folder).labels_path
     labels = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for k, v in update.items():
         if v is None:
             labels.pop(k, None)
         else:
             labels[k] = int(v)
-    tmp = folder / ".version_labels.json.tmp"
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(labels, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     base = folder.parent
     try:  # TensorFlow Serving's models.config (written by export) carries the labels too
-        from mmclinic.serve.tfserving import MODELS_CONFIG, _write, models_config
+        from mmclinic.serve.tfserving import MODELS_CONFIG, write_file, models_config
     except ImportError:
         return labels
     if (base / MODELS_CONFIG).is_file():
-        _write(base / MODELS_CONFIG, models_config(base, "/models"))
+        write_file(base / MODELS_CONFIG, models_config(base, "/models"))
     return labels
 
 
 def _card_line(export_path: str | None, line: str) -> None:
     if not export_path:
         return
-    card = Path(export_path) / "assets.extra" / "model_card.md"
+    card = ExportedModel(export_path).model_card_path
     if card.is_file():
         text = card.read_text(encoding="utf-8")
         if "\n## Registry history\n" not in text:
@@ -260,7 +261,7 @@ def mark_challenger(run_dir, config, export_name: str, version_dir: Path, versio
     on the run's registered version with its vetting recorded. Returns the registered version,
     or None when the run registered none (the label is set all the same)."""
     version_dir = Path(version_dir)
-    labels_path = version_dir.parent / "version_labels.json"
+    labels_path = ModelFolder(version_dir.parent).labels_path
     stable = json.loads(labels_path.read_text(encoding="utf-8")).get(STABLE) if labels_path.is_file() else None
     if stable is not None:  # a canary beside the stable version; the first version is served as the latest
         _write_labels(version_dir.parent, {CANARY: version})

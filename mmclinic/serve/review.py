@@ -19,7 +19,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from mmclinic.serve import review_queue as rq
+from mmclinic.data import review_queue as rq
 
 __all__ = ["create_app", "serve_review", "item_image", "item_text"]
 
@@ -39,9 +39,11 @@ def _csv_rows(file: str) -> dict[str, dict[str, str]]:
     import pandas as pd
 
     df = pd.read_csv(file, dtype=str, keep_default_na=False)
+    digest = rq.csv_digest(file)
     out = {}
     for i, row in df.iterrows():
-        out[row.get("pair_id") or f"row{i + 2}"] = {"image_path": row["image_path"], "report_text": row["report_text"]}
+        out[row.get("pair_id") or rq.default_pair_id(digest, i)] = {"image_path": row["image_path"],
+                                                                  "report_text": row["report_text"]}
     return out
 
 
@@ -59,10 +61,18 @@ def item_image(row: dict[str, Any]) -> bytes | Any:
     if kind == "csv":
         from mmclinic.data.images import DEFAULT_DECODE_TIMEOUT, read_image
 
+        from mmclinic.phi import pixel_text
+
         path = Path(_csv_rows(where)[row["pair_id"]]["image_path"])
         if not path.is_absolute():
             path = Path(where).parent / path
-        return read_image(path, decode_timeout=DEFAULT_DECODE_TIMEOUT).pixels
+        # A user's image was never through ingest: its pixels may carry names and IDs. It is shown
+        # only with text found by OCR blacked out, and not at all without the OCR engine.
+        if pixel_text.tesseract_version() is None:
+            raise KeyError("an image from a user CSV is shown only with burned-in text redacted: "
+                           "install tesseract-ocr")
+        pixels = read_image(path, decode_timeout=DEFAULT_DECODE_TIMEOUT).pixels
+        return pixel_text.redact_text(pixels)[0]
     raise KeyError(row.get("origin"))
 
 
@@ -185,7 +195,7 @@ def create_app(db: Any, reviewer: str = ""):
     def _row(item_id: int) -> dict[str, Any] | None:
         import sqlalchemy as sa
 
-        queue, _ = rq._t()
+        queue, _ = rq.queue_tables()
         with engine.connect() as conn:
             r = conn.execute(sa.select(queue).where(queue.c.id == item_id)).mappings().first()
         return dict(r) if r else None
@@ -230,6 +240,9 @@ def create_app(db: Any, reviewer: str = ""):
         return Response(png_bytes(np.asarray(pic)), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     async def decide(request: Request):
+        # JSON only: a cross-site form (text/plain, no preflight) cannot record decisions.
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return JSONResponse({"error": "decisions are posted as application/json"}, status_code=415)
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):

@@ -80,9 +80,12 @@ def _pairs_from_csv(path: Path) -> tuple[list[str], list[str], list[bytes | None
     for col in ("image_path", "report_text"):
         if col not in df.columns:
             raise UsageError(f"--input {path}: missing column {col}")
+    from mmclinic.data.review_queue import csv_digest, default_pair_id
+
+    digest = csv_digest(path)
     ids, rids, png, texts, errs = [], [], [], [], []
     for i, row in df.iterrows():
-        pair_id = row.get("pair_id") or f"row{i + 2}"
+        pair_id = row.get("pair_id") or default_pair_id(digest, i)
         ids.append(pair_id); rids.append(row.get("report_id", ""))
         # The raw report: the model's graph applies the text definition the run was trained with.
         texts.append(row["report_text"])
@@ -155,7 +158,7 @@ def score(model_dir: str | Path, *, data: str | Path | None = None, input_csv: s
     except sa.exc.SQLAlchemyError as exc:
         # The driver's message can echo the URL (with a password) or row values: name the type only.
         raise MmclinicError(f"--db: cannot write the scores ({type(exc).__name__})") from None
-    from mmclinic.serve.review_queue import enqueue  # the flagged pairs go to review (mmclinic review)
+    from mmclinic.data.review_queue import enqueue  # the flagged pairs go to review (mmclinic review)
 
     enqueue(engine, scoring_run_id=run_id, model_name=model.name, model_version=model.version, threshold=threshold,
             origin=f"dataset:{Path(data).resolve()}" if data is not None else f"csv:{Path(input_csv).resolve()}",

@@ -320,9 +320,10 @@ class Batcher:
                     live[0].future.set_exception(exc)
                     return
             except Exception as exc:  # noqa: BLE001 - a fault is the requests' answer, not the thread's end
-                for t in live:
-                    t.future.set_exception(exc)
-                return
+                if len(live) == 1:
+                    live[0].future.set_exception(exc)
+                    return
+                # any other fault of a merged call (e.g. one request's huge image): re-run one by one
         for t in live:  # one bad request must not fail the others: run each on its own
             try:
                 self.metrics.batch_size.labels(m.name, sig_name).observe(t.n)

@@ -117,7 +117,7 @@ def quantize(version_dir: str | Path, run: str | Path, data: str | Path | None =
     base = figures(float_emb, text_emb, scorer.match_logits)
     test_images = _decode(test.png, size)
     representative = _decode(val.png[:200], size)
-    out_dir = exported.path / "assets.extra" / "tflite"
+    out_dir = exported.tflite_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"split": "test", "instances": len(test.png), "max_quantization_drop": max_drop,
                               "float_savedmodel": {**base, "seconds_per_image": float_s}, "text_tower": "not converted "

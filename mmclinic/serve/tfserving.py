@@ -241,7 +241,7 @@ def warmup_records(name: str, image_size: int, batch_sizes: tuple[int, ...] = (1
     return records
 
 
-def _write(path: Path, data: bytes | str) -> Path:
+def write_file(path: Path, data: bytes | str) -> Path:
     """Replace ``path`` in one step (TensorFlow Serving polls its config files)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -268,10 +268,10 @@ def write_tfserving_files(model_base: str | Path, name: str, *, base_path_prefix
     warmup = latest.path / WARMUP_FILE
     warmup.parent.mkdir(parents=True, exist_ok=True)
     return {
-        "models.config": _write(model_base / MODELS_CONFIG, models_config(model_base, base_path_prefix)),
-        "batching_parameters": _write(model_base / BATCHING_PARAMETERS, batching_parameters(batching)),
-        "monitoring.config": _write(model_base / MONITORING_CONFIG, monitoring_config()),
-        "warmup": _write(warmup, tfrecord(warmup_records(name, image_size, samples=samples))),
+        "models.config": write_file(model_base / MODELS_CONFIG, models_config(model_base, base_path_prefix)),
+        "batching_parameters": write_file(model_base / BATCHING_PARAMETERS, batching_parameters(batching)),
+        "monitoring.config": write_file(model_base / MONITORING_CONFIG, monitoring_config()),
+        "warmup": write_file(warmup, tfrecord(warmup_records(name, image_size, samples=samples))),
     }
 
 

@@ -103,7 +103,8 @@ def _vocabulary(own_dir: Path, config: ExperimentConfig, train_reports) -> list[
     """The run's vocabulary: ``vocab.txt`` of the run folder, else the pretrained text tower's own,
     else one learned from the training reports; written to the run folder when new."""
     from mmclinic.models.towers import preset_vocabulary
-    from mmclinic.text.tokenizer import learn_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary, text_checkpoint
+    from mmclinic.models.tokenizers import make_tokenizer, text_checkpoint
+    from mmclinic.text.tokenizer import learn_vocabulary, load_vocabulary, save_vocabulary
 
     vocab_path = RunDir(own_dir).vocab_path
     if vocab_path.is_file():
@@ -249,7 +250,7 @@ class RunSetup:
 
 def _train(setup: RunSetup) -> TrainResult:
     from mmclinic.data.negatives import split_negatives
-    from mmclinic.text.tokenizer import make_tokenizer
+    from mmclinic.models.tokenizers import make_tokenizer
     from mmclinic.training.step import MismatchKinds, TrainStep
 
     config, tc = setup.config, setup.config.train

@@ -114,7 +114,20 @@ def _meta():
     return _META
 
 
-def _t():
+def csv_digest(csv_file: str | Path) -> str:
+    """A short content digest of a CSV file (for :func:`default_pair_id`)."""
+    import hashlib
+
+    return hashlib.sha256(Path(csv_file).read_bytes()).hexdigest()[:12]
+
+
+def default_pair_id(digest: str, row_index: int) -> str:
+    """The pair id of a CSV row without a ``pair_id``: the file's content digest (:func:`csv_digest`)
+    and its line, so that row 2 of one clinic's CSV is never taken for row 2 of another's."""
+    return f"{digest}:row{row_index + 2}"
+
+
+def queue_tables():
     m = _meta()
     return m.tables["review_queue"], m.tables["review_history"]
 
@@ -153,7 +166,7 @@ def ensure_schema(engine) -> list[str]:
 def _latest_decisions(conn, pair_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     import sqlalchemy as sa
 
-    _, hist = _t()
+    _, hist = queue_tables()
     out: dict[str, dict[str, Any]] = {}
     if not pair_ids:
         return out
@@ -174,7 +187,7 @@ def enqueue(engine, *, scoring_run_id: str, model_name: str, model_version: int,
     import sqlalchemy as sa
 
     ensure_schema(engine)
-    queue, _ = _t()
+    queue, _ = queue_tables()
     todo = [i for i in range(len(pair_ids))
             if flagged[i] and scores[i] is not None and not math.isnan(float(scores[i]))]
     added = present = 0
@@ -240,7 +253,7 @@ def decide_many(db: Any, decisions: Iterable[Decision], via: str = "api") -> int
     engine = engine_for(db)
     items = _check(decisions)
     ensure_schema(engine)
-    queue, hist = _t()
+    queue, hist = queue_tables()
     try:
         with engine.begin() as conn:
             keys = sorted({d.pair_id for d in items})
@@ -272,7 +285,7 @@ def queue_rows(db: Any, status: str | None = None) -> list[dict[str, Any]]:
 
     engine = engine_for(db)
     ensure_schema(engine)
-    queue, _ = _t()
+    queue, _ = queue_tables()
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(sa.select(queue).order_by(queue.c.id)).mappings()]
     per_pair: dict[str, dict[str, Any]] = {}
@@ -297,7 +310,7 @@ def history(db: Any, pair_id: str | None = None) -> list[dict[str, Any]]:
 
     engine = engine_for(db)
     ensure_schema(engine)
-    _, hist = _t()
+    _, hist = queue_tables()
     q = sa.select(hist).order_by(hist.c.id)
     if pair_id is not None:
         q = q.where(hist.c.pair_id == pair_id)
@@ -353,7 +366,7 @@ def decided_pairs(db: Any) -> dict[str, dict[str, Any]]:
 
     engine = engine_for(db)
     ensure_schema(engine)
-    queue, _ = _t()
+    queue, _ = queue_tables()
     out: dict[str, dict[str, Any]] = {}
     with engine.connect() as conn:
         for r in conn.execute(sa.select(queue).where(queue.c.status.in_(DECISIONS)).order_by(queue.c.id)).mappings():
