@@ -13,7 +13,8 @@ STRING_FEATURES = ("image_id", "patient_key", "study_key", "report_id", "view", 
                    "sex", "age_band", "manufacturer", "text")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """An unsigned protobuf varint (also used for TensorFlow Serving's warm-up records)."""
     out = bytearray()
     while True:
         bits = n & 0x7F
@@ -27,7 +28,7 @@ def _varint(n: int) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+    return varint((number << 3) | 2) + varint(len(payload)) + payload
 
 
 def encode_example(features: dict[str, bytes]) -> bytes:

@@ -37,6 +37,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from mmclinic.data.shards import varint
 from mmclinic.artifacts import ExportedModel, find_models
 
 MODELS_CONFIG = "models.config"
@@ -128,28 +129,16 @@ def monitoring_config(path: str = PROMETHEUS_PATH) -> str:
 # --------------------------------------------------------------------------- protobuf wire format
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
+    return varint(field << 3 | wire)
 
 
 def _bytes_field(field: int, data: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(data)) + data
+    return _key(field, 2) + varint(len(data)) + data
 
 
 def _int_field(field: int, value: int) -> bytes:
-    return _key(field, 0) + _varint(value)
+    return _key(field, 0) + varint(value)
 
 
 DT_STRING = 7  # tensorflow/core/framework/types.proto
