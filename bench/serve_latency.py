@@ -37,6 +37,17 @@ import numpy as np
 DEADLINE_S = 600  # no phase may run longer
 
 
+def _run_clients(client, clients: int) -> float:
+    """Run ``client`` in ``clients`` threads at once; the seconds until all are done."""
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -136,13 +147,7 @@ def throughput(port: int, path: str, body: bytes, clients: int, per_client: int)
     for _ in range(10):
         _post(warm, path, body)
     warm.close()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - t0
+    dt = _run_clients(client, clients)
     return {"requests_per_s": round(done[0] / dt, 1), "ok": done[0], "errors": errors[0], "seconds": round(dt, 2)}
 
 
@@ -190,13 +195,7 @@ def load_run(server: Server, path: str, good: bytes, bad: list[tuple[str, bytes,
                     rss[finished] = _rss_kb(server.proc.pid)
         conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - t0
+    dt = _run_clients(client, clients)
     five = sum(n for c in codes.values() for k, n in c.items() if k.startswith("5"))
     marks = sorted(rss)
     first, last = (rss[marks[0]], rss[marks[-1]]) if marks else (0, 0)

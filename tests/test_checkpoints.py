@@ -25,7 +25,7 @@ spm = pytest.importorskip("sentencepiece")
 
 from checkpoint_factory import (CASED_VOCAB, IMAGENET_MEAN, IMAGENET_STD, REPORTS, UNCASED_VOCAB,  # noqa: E402
                                 _bert, _hf_bert_folder, _keras_image_case, _np, _perturb, _probe,
-                                _write_json, write_siglip_preset)
+                                _write_json, write_siglip_preset, write_timm)
 from mmclinic.errors import UsageError  # noqa: E402
 from mmclinic.models import checkpoints as ck  # noqa: E402
 
@@ -387,29 +387,12 @@ def test_hugging_face_dinov2_folder_interpolates_to_its_processor_size(work):
 # --- timm -----------------------------------------------------------------------------------------
 
 
-def _timm_folder(folder: Path, architecture: str, seed: int):
-    from keras_hub.src.utils.timm import convert_densenet, convert_efficientnet, convert_resnet
-
-    converter = {"resnet": convert_resnet, "efficientnet": convert_efficientnet,
-                 "densenet": convert_densenet}[architecture.split("_")[0].rstrip("0123456789")]
-    config = {"architecture": architecture, "num_classes": 0, "global_pool": "avg",
-              "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.875,
-                                 "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
-    bb = converter.backbone_cls(**converter.convert_backbone_config(config))
-    _perturb(bb, seed)
-    tensors = _probe(converter, bb, config)
-    folder.mkdir()
-    safetensors_numpy.save_file(tensors, str(folder / "model.safetensors"))
-    _write_json(folder / "config.json", config)
-    return bb, tensors
-
-
 @pytest.mark.parametrize("architecture", [
     "resnet18", pytest.param("efficientnet_b0", marks=pytest.mark.slow),
     pytest.param("densenet121", marks=pytest.mark.slow)])
 def test_timm_folder(architecture, work):
     folder = work / f"timm_{architecture}"
-    bb, tensors = _timm_folder(folder, architecture, 14)
+    _, bb, tensors = write_timm(folder, architecture, 14)
     if architecture == "resnet18":
         assert tensors["conv1.weight"].shape == (64, 3, 7, 7)
         assert tensors["layer1.0.bn1.running_var"].shape == (64,)
