@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", metavar="RUN")
     s.add_argument("--out", required=True, metavar="MODEL_BASE")
     s.add_argument("--name")
+    s.add_argument("--tflite", metavar="MODES", help="also write TFLite image towers (comma-separated: float16,int8; "
+                   "default export.tflite), each refused beyond export.max_quantization_drop")
 
     s = sub.add_parser("serve", help="serve exported models over TensorFlow Serving's REST API")
     s.add_argument("model_base", metavar="MODEL_BASE")
@@ -192,8 +194,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from mmclinic.serve.export import export
 
-        r = export(args.run, args.out, args.name)
+        modes = None if args.tflite is None else tuple(m.strip() for m in args.tflite.split(",") if m.strip())
+        r = export(args.run, args.out, args.name, tflite=modes)
         print(f"exported version {r.version} to {r.path}")
+        for mode, m in ((r.tflite or {}).get("image_tower") or {}).items():
+            if mode != "float32":
+                drop = ", ".join(f"{k} {-v:+.3f}" for k, v in m["drop"].items())
+                print(f"TFLite {mode} image tower: {'written' if m['accepted'] else 'refused'} ({drop} on the test "
+                      f"split; allowed drop {r.tflite['max_quantization_drop']})")
     elif args.command == "serve":
         from mmclinic.serve.server import serve
 

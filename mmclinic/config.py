@@ -167,6 +167,28 @@ class TrainConfig:
     """Start from these weights instead of the initialisation: a run folder (its latest checkpoint)
     or a registered model (``models:/NAME@champion``, ``models:/NAME/VERSION``); the
     architecture must match."""
+    locked_tower: Literal["none", "image", "text"] = "none"
+    """Locked-tower tuning (LiT, Zhai et al. 2022): this tower's backbone is frozen and runs in
+    inference mode (no dropout, batch-norm moving statistics); its projection and the other tower
+    train."""
+    cache_locked: bool = True
+    """With ``locked_tower``: compute the locked backbone's features once per dataset version
+    (keyed by its weights, its preprocessing and the dataset version) and train from them, so that
+    a step runs only the trainable tower. Refused with ``data.augment`` for a locked image tower."""
+    embedding_cache_dir: str | None = None
+    """Folder of the locked-feature caches (shared between runs); None: ``RUN/embedding_cache``."""
+    image_image_weight: float = 0.0
+    """Weight of the image-image contrastive term (two augmented views of each image; CXR-CLIP)."""
+    text_text_weight: float = 0.0
+    """Weight of the text-text contrastive term (findings vs impression of reports with both; CXR-CLIP)."""
+    aux_labels: tuple[str, ...] = ()
+    """Auxiliary label heads on the image embedding, as ``label:weight``: ``modality``, ``view``,
+    ``laterality`` (manifest columns) or ``labels.KEY`` (a key of the manifest's ``labels``: a
+    string value is one class, cross-entropy; a list is multi-label, binary cross-entropy)."""
+    max_logit_scale: float | None = None
+    """Cap of the learnable logit scale (log of 1/temperature), applied after every step. None:
+    log(100) for an own model, max(log(100), the checkpoint's own scale) for ``model.dual_checkpoint``;
+    the value used is recorded in ``run.json`` and a resumed run keeps it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +235,9 @@ class ExportConfig:
     max_reload_difference: float = 1e-4
     max_quantization_drop: float = 0.02
     """A TFLite (float16/int8) tower is refused when test-split R@5 or mismatch AUROC drops by more."""
+    tflite: tuple[str, ...] = ()
+    """TFLite image towers export writes beside the SavedModel (``float16``, ``int8``), each measured
+    on the test split against the float model and refused beyond ``max_quantization_drop``."""
     champion_gates: tuple[str, ...] = ("image_to_text.R@5:0.05", "mismatch.auroc:0.05", "mismatch.auroc.by_kind:0.10",
                                        "calibration.ece:0.05")
     """Vetting against the registered champion (``metric:margin``): the run is refused when it is
@@ -220,6 +245,12 @@ class ExportConfig:
     ECE higher; ``mismatch.auroc.by_kind`` applies to each corruption kind). Empty: no comparison."""
     champion_bootstrap: int = 200
     """Resamples of the paired patient bootstrap that gives each difference its interval."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.tflite if m not in ("float16", "int8")]
+        if bad or len(set(self.tflite)) != len(self.tflite):
+            raise ConfigError(f"config key 'export.tflite' must list distinct modes among float16, int8; got "
+                              f"{list(self.tflite)}")
 
 
 @dataclasses.dataclass(frozen=True)

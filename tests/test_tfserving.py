@@ -206,3 +206,40 @@ def test_tflite_image_towers_are_measured_written_or_refused(exported_model, tra
     assert not list((version / "assets.extra" / "tflite").glob("*.tflite"))
     card = (version / "assets.extra" / "model_card.md").read_text()
     assert card.count("## TFLite (") == 1 and "REFUSED" in card
+
+
+@pytest.mark.slow
+def test_export_stages_warmup_and_tflite_before_the_version_is_installed(trained_run, tmp_path, monkeypatch):
+    from mmclinic.artifacts import ModelFolder
+    from mmclinic.serve.export import export
+
+    seen = {}
+    install = ModelFolder.install
+
+    def spy(self, staged, version):  # what a server polling MODEL_BASE could see at the rename
+        seen["files"] = {str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()}
+        return install(self, staged, version)
+
+    monkeypatch.setattr(ModelFolder, "install", spy)
+    r = export(trained_run, tmp_path / "models", "tiny", tflite=("float16", "int8"))
+    assert tfserving.WARMUP_FILE in seen["files"] and "assets.extra/tflite/quantization.json" in seen["files"]
+    q = json.loads((r.path / "assets.extra" / "tflite" / "quantization.json").read_text())
+    assert q == r.tflite and set(q["image_tower"]) == {"float32", "float16", "int8"}
+    for mode in ("float16", "int8"):
+        m = q["image_tower"][mode]
+        assert m["accepted"] == (max(m["drop"].values()) <= q["max_quantization_drop"])
+        assert (f"assets.extra/tflite/image_tower_{mode}.tflite" in seen["files"]) == m["accepted"]
+    assert "## TFLite (test split" in (r.path / "assets.extra" / "model_card.md").read_text()
+    assert _requests(r.path / tfserving.WARMUP_FILE)[0][1] == "serving_default"
+    assert (tmp_path / "models" / tfserving.MODELS_CONFIG).is_file()
+
+
+def test_export_refuses_unknown_tflite_modes(tmp_path):
+    from mmclinic.config import ConfigError, ExportConfig
+    from mmclinic.errors import UsageError
+    from mmclinic.serve.export import export
+
+    with pytest.raises(UsageError, match="--tflite.*int4"):
+        export(tmp_path / "no-run", tmp_path / "models", "tiny", tflite=("int4",))
+    with pytest.raises(ConfigError, match="export.tflite"):
+        ExportConfig(tflite=("float16", "float16"))

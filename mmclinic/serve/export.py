@@ -41,6 +41,8 @@ class ExportResult:
     path: Path
     version: int
     checks: dict[str, Any]
+    tflite: dict[str, Any] | None = None
+    """The TFLite figures (:func:`mmclinic.serve.tflite.quantize`) when towers were asked for."""
 
 
 def build_serving_module(model, vocab: "list[str] | Any", image_size: int, max_length: int,
@@ -177,8 +179,14 @@ training distribution do not transfer to other sites, modalities or report style
 """
 
 
-def export(run: str | Path, model_base: str | Path, name: str | None = None) -> ExportResult:
-    """Vet ``run`` and, when every check passes, write ``MODEL_BASE/NAME/VERSION/``."""
+def export(run: str | Path, model_base: str | Path, name: str | None = None,
+           tflite: tuple[str, ...] | None = None) -> ExportResult:
+    """Vet ``run`` and, when every check passes, write ``MODEL_BASE/NAME/VERSION/``.
+
+    Everything a version holds is written into a staged folder first (SavedModel, metadata, model
+    card, TensorFlow Serving's warm-up requests, the TFLite image towers of ``tflite``, default
+    ``export.tflite``), then the folder is installed in one rename: a server polling
+    ``MODEL_BASE`` never sees a version without its files."""
     import tensorflow as tf
 
     from mmclinic.eval.embedding import load_split
@@ -186,8 +194,12 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
     from mmclinic.eval.scorers import RunScorer, load_run_model, run_text_config
     from mmclinic.phi.guard import DEFAULT_GUARD
 
+    bad = [m for m in tflite or () if m not in ("float16", "int8")]
+    if bad:
+        raise UsageError(f"--tflite: unknown mode(s) {', '.join(bad)} (allowed: float16, int8)")
     run_dir, model_base = RunDir.open(run, "RUN"), Path(model_base)
     model, tokenizer, config = load_run_model(run_dir)
+    tflite = tuple(config.export.tflite if tflite is None else tflite)
     run_info = run_dir.info()
     name = name or config.export.name
     if not name.replace("-", "").replace("_", "").isalnum():
@@ -265,13 +277,19 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None) -> 
             "image_size": config.data.image_size, "max_length": config.data.max_length, "vetting": result,
             "text": text_config.to_dict(), "text_out_of_graph": list(OUT_OF_GRAPH),
         })
-        dest = folder.install(staged, version).path
-        from mmclinic.serve.tfserving import write_tfserving_files
+        from mmclinic.serve.tfserving import write_tfserving_files, write_warmup
 
-        write_tfserving_files(model_base, name)  # models.config, batching, monitoring, warm-up requests
+        write_warmup(staged, name)  # TensorFlow Serving replays these when it loads the version
+        quantized = None
+        if tflite:
+            from mmclinic.serve.tflite import quantize
+
+            quantized = quantize(staged, run_dir.path, data, modes=tflite, model=model, config=config)
+        dest = folder.install(staged, version).path
+        write_tfserving_files(model_base, name, warmup=False)  # models.config, batching, monitoring
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     from mmclinic.serve.registry import mark_challenger  # MLflow alias challenger, serving label canary
 
     mark_challenger(run_dir, config, name, dest, version)
-    return ExportResult(path=dest, version=version, checks=checks)
+    return ExportResult(path=dest, version=version, checks=checks, tflite=quantized)

@@ -96,15 +96,23 @@ def figures(image_emb: np.ndarray, text_emb: np.ndarray, match_logits: Any) -> d
 
 
 def quantize(version_dir: str | Path, run: str | Path, data: str | Path | None = None,
-             max_drop: float | None = None) -> dict[str, Any]:
+             max_drop: float | None = None, modes: tuple[str, ...] = MODES, model: Any = None,
+             config: Any = None) -> dict[str, Any]:
     """Convert, measure and (when within ``max_drop``, default ``export.max_quantization_drop``)
-    write the TFLite image towers of the exported version ``version_dir``; the figures."""
+    write the TFLite image towers (``modes``) of the exported version ``version_dir``; the figures.
+
+    ``mmclinic export`` calls it on the staged version (before it is installed) with the run's
+    model already loaded (``model``, ``config``) and ``modes`` from ``export.tflite``."""
     from mmclinic.eval.embedding import load_split
     from mmclinic.eval.scorers import SavedModelScorer, load_run_model
 
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"TFLite modes must be among {', '.join(MODES)}; got {list(modes)}")
     exported = ExportedModel(version_dir)
     run_dir = RunDir.open(run, "RUN")
-    model, _, config = load_run_model(run_dir)
+    if model is None or config is None:
+        model, _, config = load_run_model(run_dir)
     max_drop = config.export.max_quantization_drop if max_drop is None else max_drop
     size = int(exported.metadata.get("image_size", config.data.image_size))
     ds = DatasetDir.open(data or run_dir.dataset_path, "--data")
@@ -125,7 +133,7 @@ def quantize(version_dir: str | Path, run: str | Path, data: str | Path | None =
     f32 = convert_image_tower(model, size, "float32")
     _, f32_s = run_tflite(f32, test_images)
     result["image_tower"]["float32"] = {"bytes": len(f32), "seconds_per_image": f32_s}
-    for mode in MODES:
+    for mode in modes:
         flat = convert_image_tower(model, size, mode, representative)
         emb, secs = run_tflite(flat, test_images)
         got = figures(emb, text_emb, scorer.match_logits)
@@ -146,7 +154,7 @@ def _card(exported: ExportedModel, r: dict[str, Any]) -> None:
     b = r["float_savedmodel"]
     rows = [f"| float SavedModel | {b['image_to_text_R@5']:.3f} | {b['mismatch_auroc']:.3f} | - | - | "
             f"{b['seconds_per_image'] * 1000:.2f} |"]
-    for mode in MODES:
+    for mode in (m for m in MODES if m in r["image_tower"]):
         m = r["image_tower"][mode]
         rows.append(f"| TFLite {mode} image tower | {m['image_to_text_R@5']:.3f} ({-m['drop']['image_to_text_R@5']:+.3f})"
                     f" | {m['mismatch_auroc']:.3f} ({-m['drop']['mismatch_auroc']:+.3f}) | {m['bytes'] / 1024:.0f} KiB"

@@ -1,6 +1,6 @@
 """TensorFlow Serving's production files for a ``MODEL_BASE`` that ``mmclinic export`` wrote.
 
-:func:`write_tfserving_files` writes, in one call after an export:
+:func:`write_tfserving_files` writes, after an export:
 
 - ``MODEL_BASE/models.config`` (``--model_config_file``): a ``ModelServerConfig`` text proto with
   every model under ``MODEL_BASE``, its base path as the container sees it (``/models/NAME``),
@@ -10,9 +10,10 @@
   a ``BatchingParameters`` text proto tuned for CPU;
 - ``MODEL_BASE/monitoring.config`` (``--monitoring_config_file``): a ``MonitoringConfig`` that
   turns on the Prometheus endpoint;
-- ``MODEL_BASE/NAME/VERSION/assets.extra/tf_serving_warmup_requests`` for the latest version: a
-  TFRecord file of ``PredictionLog`` protos that TensorFlow Serving replays when it loads the
-  version, so that the first real request does not pay for graph tracing.
+- ``MODEL_BASE/NAME/VERSION/assets.extra/tf_serving_warmup_requests`` (:func:`write_warmup`, into
+  the staged version before export installs it): a TFRecord file of ``PredictionLog`` protos that
+  TensorFlow Serving replays when it loads the version, so that the first real request does not
+  pay for graph tracing.
 
 ``tensorflow_serving``'s Python protos come only with ``tensorflow-serving-api``, which is not
 in this project's lock, so the few ``PredictionLog`` fields needed are written here in the
@@ -238,30 +239,45 @@ def write_file(path: Path, data: bytes | str) -> Path:
     return path
 
 
+def write_warmup(version_dir: str | Path, name: str, samples: list[tuple[bytes, str]] | None = None) -> Path:
+    """Write the warm-up requests into one version folder (``assets.extra/tf_serving_warmup_requests``).
+
+    ``mmclinic export`` calls it on the staged version, before the version is installed, so that
+    TensorFlow Serving never sees the version without its warm-up file (it reads the file once, when
+    it loads the version). ``samples``: (PNG bytes, report text) pairs (default: a synthetic gradient
+    image at the model's input size and a normal report)."""
+    version = ExportedModel(version_dir)
+    image_size = int(version.metadata.get("image_size", 64))
+    path = version.path / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_file(path, tfrecord(warmup_records(name, image_size, samples=samples)))
+
+
 def write_tfserving_files(model_base: str | Path, name: str, *, base_path_prefix: str = "/models",
                           batching: BatchingOptions = BatchingOptions(),
-                          samples: list[tuple[bytes, str]] | None = None) -> dict[str, Path]:
+                          samples: list[tuple[bytes, str]] | None = None, warmup: bool = True) -> dict[str, Path]:
     """Write ``models.config``, ``batching_parameters.txt`` and ``monitoring.config`` into
-    ``MODEL_BASE`` and the warm-up requests into ``NAME``'s latest version; the paths written.
+    ``MODEL_BASE``; the paths written.
 
-    ``samples``: (PNG bytes, report text) pairs for the warm-up requests (default: a synthetic
-    gradient image and a normal report). The warm-up file is written into a version that is
-    already installed; TensorFlow Serving reads it when it loads the version.
+    ``warmup``: also write the warm-up requests into ``NAME``'s latest version when it has none
+    (:func:`write_warmup`; for a version installed by hand). ``mmclinic export`` writes them into
+    the staged version before installing it and passes ``warmup=False``.
     """
     model_base = Path(model_base)
     folder = next((f for f in find_models(model_base, "MODEL_BASE") if f.name == name), None)
     if folder is None:
         raise FileNotFoundError(f"{model_base}: no exported model {name!r}")
-    latest: ExportedModel = folder.latest()
-    image_size = int(latest.metadata.get("image_size", 64))
-    warmup = latest.path / WARMUP_FILE
-    warmup.parent.mkdir(parents=True, exist_ok=True)
-    return {
+    written = {
         "models.config": write_file(model_base / MODELS_CONFIG, models_config(model_base, base_path_prefix)),
         "batching_parameters": write_file(model_base / BATCHING_PARAMETERS, batching_parameters(batching)),
         "monitoring.config": write_file(model_base / MONITORING_CONFIG, monitoring_config()),
-        "warmup": write_file(warmup, tfrecord(warmup_records(name, image_size, samples=samples))),
     }
+    latest: ExportedModel = folder.latest()
+    if warmup:
+        existing = latest.path / WARMUP_FILE
+        written["warmup"] = existing if existing.is_file() and samples is None else \
+            write_warmup(latest.path, name, samples)
+    return written
 
 
 def parse_text_proto(text: str) -> dict[str, list[Any]]:
