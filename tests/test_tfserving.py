@@ -1,9 +1,9 @@
 """TensorFlow Serving's production files (mmclinic.serve.tfserving), parsed back as TF Serving reads them.
 
-ModelServerConfig and PredictionLog are parsed with tensorflow_serving's own proto classes when
-tensorflow-serving-api is importable; otherwise (this project's lock does not carry it) the
-text protos go through a small text-proto parser that checks their structure and the warm-up
-records through a protobuf wire decoder, with the tensors parsed by TensorFlow's TensorProto.
+ModelServerConfig and PredictionLog are parsed with tensorflow_serving's own proto classes
+(tensorflow-serving-api, in the lock), and the text protos also go through a small text-proto
+parser that checks their structure and the warm-up records through a plain protobuf wire decoder,
+with the tensors parsed by TensorFlow's TensorProto.
 BatchingParameters and MonitoringConfig have no Python classes in any package: they are always
 checked with the small parser.
 """
@@ -62,11 +62,10 @@ def _wire(data):
 
 
 def _serving_protos():
-    try:
-        from tensorflow_serving.apis import prediction_log_pb2
-        from tensorflow_serving.config import model_server_config_pb2
-    except ImportError:
-        return None
+    """tensorflow_serving's own proto classes (tensorflow-serving-api, in the lock)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
     return prediction_log_pb2, model_server_config_pb2
 
 
@@ -90,14 +89,13 @@ def test_config_files_parse_as_tf_serving_text_protos(tmp_path):
     monitoring = tfserving.parse_text_proto((base / "monitoring.config").read_text())
     assert monitoring == {"prometheus_config": [{"enable": [True], "path": ["/monitoring/prometheus/metrics"]}]}
 
-    protos = _serving_protos()
-    if protos is not None:  # the real classes, when tensorflow-serving-api is installed
-        from google.protobuf import text_format
+    from google.protobuf import text_format  # TensorFlow Serving's own ModelServerConfig reads the file
 
-        msc = text_format.Parse((base / "models.config").read_text(), protos[1].ModelServerConfig())
-        c = msc.model_config_list.config[0]
-        assert list(c.model_version_policy.specific.versions) == [3, 1] and dict(c.version_labels) == {
-            "stable": 1, "canary": 3}
+    msc = text_format.Parse((base / "models.config").read_text(), _serving_protos()[1].ModelServerConfig())
+    c = msc.model_config_list.config[0]
+    assert list(c.model_version_policy.specific.versions) == [3, 1] and dict(c.version_labels) == {
+        "stable": 1, "canary": 3}
+    assert c.name == "tiny" and c.base_path == "/models/tiny" and c.model_platform == "tensorflow"
 
 
 def test_models_config_lists_every_model_and_no_labels_when_there_are_none(tmp_path):
@@ -131,7 +129,10 @@ def test_crc32c_and_tfrecord_framing_read_back_with_tensorflow(tmp_path):
 
 
 def _requests(path):
-    """(model, signature, {input: values}) of each PredictionLog in a warm-up file."""
+    """(model, signature, {input: values}) of each PredictionLog in a warm-up file, read with
+    TensorFlow Serving's own PredictionLog class; a plain wire decoding of the same bytes must find
+    only those fields, with the same values."""
+    import numpy as np
     import tensorflow as tf
     from tensorflow.core.framework import tensor_pb2
 
@@ -139,21 +140,21 @@ def _requests(path):
     protos = _serving_protos()
     for raw in tf.data.TFRecordDataset(str(path)):
         raw = raw.numpy()
-        if protos is not None:
-            log = protos[0].PredictionLog.FromString(raw)
-            req = log.predict_log.request
-            out.append((req.model_spec.name, req.model_spec.signature_name,
-                        {k: tf.make_ndarray(v) for k, v in req.inputs.items()}))
-            continue
-        log = _wire(raw)
-        assert set(log) == {6}  # predict_log
-        req = _wire(_wire(log[6][0])[1][0])
-        spec = _wire(req[1][0])
+        log = protos[0].PredictionLog.FromString(raw)
+        assert log.WhichOneof("log_type") == "predict_log"
+        req = log.predict_log.request
+        real = (req.model_spec.name, req.model_spec.signature_name,
+                {k: tf.make_ndarray(v) for k, v in req.inputs.items()})
+        wire = _wire(raw)
+        assert set(wire) == {6}  # predict_log
+        wreq = _wire(_wire(wire[6][0])[1][0])
+        spec = _wire(wreq[1][0])
         inputs = {}
-        for entry in map(_wire, req[2]):
-            tensor = tensor_pb2.TensorProto.FromString(entry[2][0])
-            inputs[entry[1][0].decode()] = tf.make_ndarray(tensor)
-        out.append((spec[1][0].decode(), spec[3][0].decode(), inputs))
+        for entry in map(_wire, wreq[2]):
+            inputs[entry[1][0].decode()] = tf.make_ndarray(tensor_pb2.TensorProto.FromString(entry[2][0]))
+        assert (spec[1][0].decode(), spec[3][0].decode()) == real[:2] and sorted(inputs) == sorted(real[2])
+        assert all(np.array_equal(inputs[k], real[2][k]) for k in inputs)
+        out.append(real)
     return out
 
 

@@ -15,11 +15,11 @@
   TensorFlow Serving replays when it loads the version, so that the first real request does not
   pay for graph tracing.
 
-``tensorflow_serving``'s Python protos come only with ``tensorflow-serving-api``, which is not
-in this project's lock, so the few ``PredictionLog`` fields needed are written here in the
-protobuf wire format by hand (field numbers from ``tensorflow_serving/apis/*.proto``), with the
-tensors as TensorFlow's own ``TensorProto`` layout; the tests parse them back. Nothing here
-imports TensorFlow.
+The few ``PredictionLog`` fields needed are written here in the protobuf wire format by hand
+(field numbers from ``tensorflow_serving/apis/*.proto``), with the tensors as TensorFlow's own
+``TensorProto`` layout, so that writing them imports neither TensorFlow nor
+``tensorflow_serving``'s protos (which import TensorFlow's); the tests parse every file back with
+``tensorflow-serving-api``'s own classes (in the lock). Nothing here imports TensorFlow.
 
 The container runs, e.g.::
 
