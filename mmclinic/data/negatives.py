@@ -160,6 +160,9 @@ def split_negatives(dataset: str | Path | DatasetDir, split: str, seed: int, kin
 # --------------------------------------------------------------------------- reviewers' decisions
 
 REVIEWED_KIND = "reviewed"
+REVIEWED_MATCH_KIND = "reviewed_match"
+"""The by-image table marking reviewer-verified true pairs (confirmed matches): its ``ok``
+feature is read by the step (a hard positive), its text is never encoded."""
 
 
 @dataclass(frozen=True)
@@ -199,41 +202,76 @@ def load_reviews(spec: str | Path) -> Reviews:
 def apply_reviews(tables: NegativeTables, reviews: Reviews, images: Sequence[str], image_reports: Sequence[str],
                   report_texts: dict[str, str], use_mismatches: bool = True) -> NegativeTables:
     """``tables`` with the reviewers' decisions on the training pairs (``images`` with their
-    ``image_reports``, the training split):
+    ``image_reports``, the training split). What each decision means for training:
 
-    - a confirmed mismatch of an image with its own report (the dataset's pairing is wrong)
-      becomes that image's ``reviewed`` negative (looked up by image id; the step then no longer
-      counts the pair as a true pair for the match head), when ``use_mismatches``;
-    - a confirmed match of an image with a report is removed wherever a generated kind had drawn
-      that report as the negative of the image's own report.
+    - **confirmed mismatch** of an image with its own report (the dataset's pairing is wrong):
+      the pair becomes that image's ``reviewed`` negative for the match head (looked up by image
+      id; the step no longer counts it as a true pair there) and it leaves the contrastive loss
+      (neither a positive nor a negative: see :func:`mmclinic.training.losses.contrastive_masks`),
+      when ``use_mismatches``. A confirmed mismatch naming another report than the image's own is
+      about a pair the dataset does not hold: counted as ``outside_train``.
+    - **confirmed match** of an image X with a report R: the model's flag was a false alarm, and
+      (X, R) is a *verified true pair*. (1) It is a hard positive: X's true pair weighs the
+      ``reviewed`` kind's weight more in the match loss (the ``reviewed_match`` table marks it),
+      when ``use_mismatches``. (2) It is never a negative: a generated negative of X's report
+      drawn from R, or equal to R after :func:`mmclinic.text.corruptions.normalize_report`, is
+      removed (``generated_negatives_removed``); in the batch, texts equal to X's report after
+      normalisation are never X's negatives (the contrastive masks; the ``other_patient`` kind
+      skips them). With the dataset's own pairing (R is X's report) (2) holds by construction,
+      since no generated negative equals the report it was made from, and nothing is removed;
+      it removes negatives when the decision names another report of the split than X's, e.g. a
+      decision kept from an earlier pairing of the images.
+    - **dismissed**: counted, not used.
 
-    Decisions on pairs outside the training split are counted, not used."""
+    Decisions on images outside the training split are counted (``outside_train``), not used.
+    ``review_counts`` records every count, overall and per scoring run (``by_scoring_run``: the
+    review batches the decisions came from)."""
+    from mmclinic.text.corruptions import normalize_report
+
     own = dict(zip(map(str, images), map(str, image_reports)))
     row = {rid: i for i, rid in enumerate(tables.report_ids)}
     texts = {k: list(v) for k, v in tables.texts.items()}
-    counts = {"confirmed_mismatch": 0, "confirmed_match": 0, "dismissed": 0, "outside_train": 0,
-              "generated_negatives_removed": 0}
-    neg_ids, neg_texts = [], []
+    counts: dict[str, Any] = {"confirmed_mismatch": 0, "confirmed_match": 0, "dismissed": 0, "outside_train": 0,
+                              "generated_negatives_removed": 0, "contrastive_excluded": 0, "hard_positives": 0}
+    by_run: dict[str, dict[str, int]] = {}
+    neg_ids, neg_texts, match_ids, match_texts = [], [], [], []
     for pair_id in sorted(reviews.decisions):
         d = reviews.decisions[pair_id]
         report = own.get(pair_id)
         key = d.get("report_key") or report
-        if report is None or (d["status"] == "confirmed_mismatch" and key != report):
-            counts["outside_train"] += 1
+        used = report is not None and not (d["status"] == "confirmed_mismatch" and key != report)
+        status = d["status"] if used else "outside_train"
+        counts[status] += 1
+        for run in d.get("scoring_run_ids") or ["none"]:
+            per = by_run.setdefault(run, {})
+            per[status] = per.get(status, 0) + 1
+        if not used:
             continue
-        counts[d["status"]] += 1
         if d["status"] == "confirmed_mismatch" and use_mismatches:
             neg_ids.append(pair_id)
             neg_texts.append(str(report_texts.get(report, "") or ""))
-        elif d["status"] == "confirmed_match" and report in row:
-            for kind, src in tables.sources.items():
-                if src[row[report]] == key and texts[kind][row[report]]:
-                    texts[kind][row[report]] = ""
-                    counts["generated_negatives_removed"] += 1
+            counts["contrastive_excluded"] += 1
+        elif d["status"] == "confirmed_match":
+            if use_mismatches:
+                match_ids.append(pair_id)
+                match_texts.append(str(report_texts.get(key, "") or "") or pair_id)
+                counts["hard_positives"] += 1
+            if report in row:
+                verified = normalize_report(str(report_texts.get(key, "") or ""))
+                for kind in texts:
+                    src = tables.sources.get(kind)
+                    t = texts[kind][row[report]]
+                    if t and ((src is not None and src[row[report]] == key)
+                              or (verified and normalize_report(t) == verified)):
+                        texts[kind][row[report]] = ""
+                        counts["generated_negatives_removed"] += 1
+    counts["by_scoring_run"] = {k: by_run[k] for k in sorted(by_run)}
     counts["scoring_run_ids"] = reviews.scoring_run_ids
     counts["source"] = reviews.source
     counts["sha256"] = reviews.sha256
     by_image = dict(tables.by_image)
     if use_mismatches:
-        by_image[REVIEWED_KIND] = (tuple(neg_ids), tuple(neg_texts))
+        # A table with no decision holds one row no image id matches (a lookup table cannot be empty).
+        by_image[REVIEWED_KIND] = (tuple(neg_ids), tuple(neg_texts)) if neg_ids else (("",), ("",))
+        by_image[REVIEWED_MATCH_KIND] = (tuple(match_ids), tuple(match_texts)) if match_ids else (("",), ("",))
     return replace(tables, texts={k: tuple(v) for k, v in texts.items()}, by_image=by_image, review_counts=counts)

@@ -346,6 +346,7 @@ def _with_reviews(setup: RunSetup, negatives, manifest, kinds):
                          "started; refusing to resume. Use a new --workdir.")
     if setup.chief:
         run.update_info(reviews=out.review_counts)
+        (run.path / "reviews.json").write_text(json.dumps(out.review_counts, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -420,8 +421,13 @@ class _Lineage:
             rc = negatives.review_counts
             mlrun.log_params({f"train.reviews.{k}": rc[k] for k in ("confirmed_mismatch", "confirmed_match",
                                                                      "dismissed", "outside_train",
-                                                                     "generated_negatives_removed", "sha256")}
+                                                                     "generated_negatives_removed",
+                                                                     "contrastive_excluded", "hard_positives",
+                                                                     "sha256") if k in rc}
                              | {"train.reviews.scoring_runs": ",".join(rc["scoring_run_ids"])[:500] or "none"})
+            reviews_json = RunDir(workdir).path / "reviews.json"  # per review batch (scoring run), in full
+            if reviews_json.is_file():
+                mlrun.log_artifact(reviews_json, "reviews")
         mlrun.log_dataset(data, setup.dataset_info.get("name", data.name), self.manifest_sha)
         mlrun.log_artifact(RunDir(workdir).config_path)
         card = DatasetDir(data).data_card_path

@@ -99,6 +99,89 @@ def same_key_targets(keys: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.equal(keys[:, None], keys[None, :]), tf.float32)
 
 
+_MASKED_LOGIT = -1e9
+"""An ignored entry's logit in a softmax: finite, so that a zero target times its log-probability
+stays 0 (``-inf`` would give NaN), and far below any real logit (|logit| <= 100 after clipping)."""
+
+
+def contrastive_masks(text_key: tf.Tensor, norm_key: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Label-aware masks of the in-batch contrastive loss (as CXR-CLIP and open_clip users build
+    them from labels): which (image i, text j) entries are positives, and which are neither
+    positive nor negative.
+
+    text_key: (B,) integer keys of the report text the model sees (equal text, equal key);
+    norm_key: (B,) integer keys of the report after normalisation (a reworded copy of the same
+    report, or the report of the same study, shares it); valid: (B,) 0/1 (or bool), 0 where a
+    reviewer confirmed that example i's image and its report do not belong together.
+
+    Returns ``(positives, ignore)``, both (B, B) float32 0/1, disjoint:
+
+    - ``positives[i, j]`` = 1 where text j is image i's report (the same text) and i is valid
+      (multi-positive where a report appears twice in the batch);
+    - ``ignore[i, j]`` = 1 where text j is a duplicate of image i's positive that is not itself a
+      positive (the same report after normalisation): it is not pushed apart as a negative; and,
+      for a confirmed mismatch i, every entry carrying its confirmed-wrong report (the diagonal
+      included): the pair is neither a positive nor a negative of the contrastive loss (the
+      match head has it as a hard negative).
+
+    Every other entry is a negative.
+    """
+    valid = tf.cast(valid, tf.float32)
+    same = same_key_targets(text_key)
+    near = tf.maximum(same_key_targets(norm_key), same)
+    positives = same * valid[:, None]
+    ignore = near * (1.0 - positives)
+    return positives, ignore
+
+
+def masked_clip_loss(image_emb: tf.Tensor, text_emb: tf.Tensor, logit_scale: tf.Tensor, positives: tf.Tensor,
+                     ignore: tf.Tensor) -> tf.Tensor:
+    """:func:`clip_loss` (symmetric InfoNCE, Radford et al. 2021) with label-aware masks.
+
+    image_emb, text_emb: (B, D), L2-normalised; logit_scale: scalar log(1/temperature);
+    positives, ignore: (B, B) 0/1 over (image i, text j), disjoint (see
+    :func:`contrastive_masks`). Ignored entries leave both softmaxes (their logit is
+    :data:`_MASKED_LOGIT`). Image-to-text: row i's target spreads evenly over its positives;
+    text-to-image: column j's over its positives. A row (column) without a positive is left out of
+    its direction's mean. Returns a scalar float32: the mean of the two directions' means (0 for
+    a direction with no row to count). With ``positives`` the identity and ``ignore`` zero it
+    equals :func:`clip_loss`.
+    """
+    scale = tf.exp(tf.cast(logit_scale, tf.float32))
+    logits = scale * tf.matmul(tf.cast(image_emb, tf.float32), tf.cast(text_emb, tf.float32), transpose_b=True)
+    positives = tf.cast(positives, tf.float32)
+    ignore = tf.cast(ignore, tf.float32) * (1.0 - positives)
+
+    def direction(lg: tf.Tensor, pos: tf.Tensor, ign: tf.Tensor) -> tf.Tensor:
+        lg = tf.where(ign > 0, tf.fill(tf.shape(lg), _MASKED_LOGIT), lg)
+        count = tf.reduce_sum(pos, axis=1)
+        counted = tf.cast(count > 0, tf.float32)
+        targets = pos / tf.maximum(count, 1.0)[:, None]
+        per = -tf.reduce_sum(targets * tf.nn.log_softmax(lg, axis=1), axis=1)
+        return tf.reduce_sum(per * counted) / tf.maximum(tf.reduce_sum(counted), 1.0)
+
+    return 0.5 * (direction(logits, positives, ignore)
+                  + direction(tf.transpose(logits), tf.transpose(positives), tf.transpose(ignore)))
+
+
+def masked_sigmoid_loss(image_emb: tf.Tensor, text_emb: tf.Tensor, logit_scale: tf.Tensor, logit_bias: tf.Tensor,
+                        positives: tf.Tensor, ignore: tf.Tensor) -> tf.Tensor:
+    """:func:`sigmoid_loss` (SigLIP, Zhai et al. 2023, Algorithm 1) with label-aware masks: every
+    entry not ignored is an independent binary problem, label 1 on ``positives``.
+
+    Shapes as :func:`masked_clip_loss`; logit_bias is a scalar. Returns a scalar float32: the sum
+    over the entries not ignored, divided by B (as the paper averages over images). With
+    ``positives`` the identity and ``ignore`` zero it equals :func:`sigmoid_loss`.
+    """
+    logits = tf.exp(tf.cast(logit_scale, tf.float32)) * tf.matmul(tf.cast(image_emb, tf.float32),
+                                                                   tf.cast(text_emb, tf.float32), transpose_b=True)
+    logits += tf.cast(logit_bias, tf.float32)
+    positives = tf.cast(positives, tf.float32)
+    keep = 1.0 - tf.cast(ignore, tf.float32) * (1.0 - positives)
+    per = tf.math.log_sigmoid((2.0 * positives - 1.0) * logits)
+    return -tf.reduce_sum(keep * per) / tf.cast(tf.shape(logits)[0], tf.float32)
+
+
 def gather_replicas(*tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """All-gather (along axis 0) tensors across the replicas of a ``tf.distribute`` strategy, so
     that a contrastive loss sees the global batch's negatives (open_clip's gather-with-grad).

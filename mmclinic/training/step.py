@@ -20,7 +20,7 @@ from typing import Any
 import tensorflow as tf
 
 from mmclinic.config import ExperimentConfig, TrainConfig, parse_mismatch_kinds
-from mmclinic.data.negatives import REVIEWED_KIND, TABLE_KINDS
+from mmclinic.data.negatives import REVIEWED_KIND, REVIEWED_MATCH_KIND, TABLE_KINDS
 from mmclinic.data.schema import (HAS_SIDE, IMAGE, NORM_KEY, PADDING_MASK, PATIENT_KEY, SWAPPED_IDS, SWAPPED_MASK,
                                   TEXT, TOKEN_IDS, BatchSchema, negative_features)
 from mmclinic.training import losses
@@ -47,8 +47,10 @@ class MismatchKinds:
 
     @property
     def table_kinds(self) -> tuple[str, ...]:
-        """Kinds precomputed per report from the training split (:mod:`mmclinic.data.negatives`)."""
-        return self.generated_kinds + ((REVIEWED_KIND,) if REVIEWED_KIND in self.weights else ())
+        """Kinds precomputed per report from the training split (:mod:`mmclinic.data.negatives`), and
+        with reviews the by-image tables of the reviewers' decisions (``reviewed``: confirmed
+        mismatches; ``reviewed_match``: verified true pairs, a flag the step reads, never encoded)."""
+        return self.generated_kinds + ((REVIEWED_KIND, REVIEWED_MATCH_KIND) if REVIEWED_KIND in self.weights else ())
 
     @property
     def generated_kinds(self) -> tuple[str, ...]:
@@ -157,24 +159,39 @@ class TrainStep:
         txt = model.encode_text(batch[TOKEN_IDS.name], batch[PADDING_MASK.name], training=True)
         key = batch[TEXT_KEY]
         # The global batch's negatives (differentiable all-gather, see losses.gather_replicas).
-        img_all, txt_all, key_all = losses.gather_replicas(img, txt, key) if self._gather else (img, txt, key)
-        targets = losses.same_key_targets(key_all)
+        # Label-aware masks (losses.contrastive_masks): a duplicate of the positive (the same report
+        # after normalisation) is no negative; a reviewer-confirmed mismatch is no positive.
+        norm, valid = batch[NORM_KEY.name], self.pair_valid(batch)
+        img_all, txt_all, key_all, norm_all, valid_all = (
+            losses.gather_replicas(img, txt, key, norm, valid) if self._gather else (img, txt, key, norm, valid))
+        positives, ignore = losses.contrastive_masks(key_all, norm_all, valid_all)
         if tc.loss == "clip":
-            contrastive = losses.clip_loss(img_all, txt_all, model.logit_scale, targets)
+            contrastive = losses.masked_clip_loss(img_all, txt_all, model.logit_scale, positives, ignore)
         else:
-            contrastive = losses.sigmoid_loss(img_all, txt_all, model.logit_scale, model.logit_bias, targets)
+            contrastive = losses.masked_sigmoid_loss(img_all, txt_all, model.logit_scale, model.logit_bias,
+                                                     positives, ignore)
         negs = self.match_negatives(batch, txt)
         positive_weight = self.kinds.positive_weight
         if REVIEWED_KIND in self.kinds.weights:
             # A reviewer confirmed that the image and its own report do not belong together: that
             # pair is the image's reviewed negative, and no true pair for the match head.
             reviewed_ok = tf.cast(batch[negative_features(REVIEWED_KIND)[2].name], tf.float32)
-            positive_weight = positive_weight * (1.0 - reviewed_ok)
+            # A confirmed match (the model's flag was a false alarm) is a hard positive: its true
+            # pair weighs the reviewed kind's weight more.
+            verified = tf.cast(batch[negative_features(REVIEWED_MATCH_KIND)[2].name], tf.float32)
+            positive_weight = (positive_weight + self.kinds.weights[REVIEWED_KIND] * verified) * (1.0 - reviewed_ok)
         match, per_kind = losses.match_loss_by_kind(
             model.match_logits(img, txt), {k: model.match_logits(img, e) for k, e, _ in negs},
             {k: ok for k, _, ok in negs}, self.kinds.weights, positive_weight)
         total = contrastive + tc.match_weight * match
         return total, {"loss": total, "contrastive": contrastive, "match": match, **per_kind}
+
+    def pair_valid(self, batch: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """(B,) int64: 0 where a reviewer confirmed that the example's image and its report do not
+        belong together (its ``reviewed`` negative exists), else 1."""
+        if REVIEWED_KIND not in self.kinds.weights:
+            return tf.ones_like(batch[NORM_KEY.name])
+        return 1 - tf.cast(batch[negative_features(REVIEWED_KIND)[2].name], tf.int64)
 
     def match_negatives(self, batch: Mapping[str, tf.Tensor], txt: tf.Tensor) -> list[tuple[str, tf.Tensor, tf.Tensor]]:
         """The match head's negatives, ``(kind, text embeddings, ok)`` per enabled kind: each
