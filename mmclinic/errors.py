@@ -20,8 +20,10 @@ Reason codes of one input (an image file or a table row):
   gzip file or deflated dataset inflates past it (decompression bombs).
 - ``corrupt_image``: bytes that cannot be decoded; ``decode_timeout``, ``decoder_crash``: the decoding
   worker ran past its time box or died.
-- ``missing_uid``: a DICOM file without SOPInstanceUID where one is needed (a de-identified copy is
-  named by it); an image without one is otherwise accepted.
+- ``missing_uid``: a DICOM file without SOPInstanceUID where one is needed. Ingest needs none: an image
+  without the tag takes the file meta's MediaStorageSOPInstanceUID, else a UID derived from the file's
+  bytes (``mmclinic.data.images.instance_uid``; the manifest's ``uid_source`` says which), and its
+  de-identified copy carries that identifier, keyed.
 - ``unsafe_path``: a path named by a table (absolute, climbing out with ``..``) or a symbolic link
   that resolves outside the source folder; it is never read.
 - ``missing_patient_id``: with ``--write-dicom``, a DICOM file without PatientID (no pseudonym or

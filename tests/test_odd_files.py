@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
+import shutil
 import warnings
 from pathlib import Path
 
@@ -299,18 +301,86 @@ def test_dicomdir_records_are_not_followed_outside_the_source(tmp_path):
     assert reasons["reports.csv:3"] == "missing_image"  # the outside file was never read
 
 
-@pytest.mark.xfail(strict=True, reason="the decode pool (mmclinic/data/decode_pool.py decode_job) still refuses a "
-                                       "DICOM file without SOPInstanceUID as unsupported_pixel_format; ingest pairs "
-                                       "and names such an image by its path")
-def test_file_without_sop_instance_uid_is_accepted_by_ingest(tmp_path):
+def _without_uid(src: Path, accession: str, patient: str, *, meta_uid: bool) -> pydicom.Dataset:
+    """``src`` with no SOPInstanceUID; ``meta_uid``: the file meta still names one (1.2.3.4.ACCESSION digits)."""
+    ds = _image(src, accession, patient, "1.2.3.4." + "".join(c for c in accession if c.isdigit()))
+    del ds.SOPInstanceUID
+    if not meta_uid:
+        del ds.file_meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def _bytes_without_uid(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)  # Part 10 would need MediaStorageSOPInstanceUID
+    return buf.getvalue()
+
+
+def test_file_without_sop_instance_uid_is_accepted_by_ingest_with_a_derived_identifier(tmp_path):
     src = tmp_path / "src"
     (src / "dicom").mkdir(parents=True)
-    for i, name in enumerate(("MR_small.dcm", "CT_small.dcm")):
-        ds = _image(real(name), f"ACC{i}", f"PT{i}", f"1.2.3.{i}")
-        if i == 1:
-            del ds.SOPInstanceUID
-        (src / "dicom" / f"{i}.dcm").write_bytes(_part10(ds))
-    (src / "reports.csv").write_text("patient_id,accession_number,report_text\n"
-                                     "PT0,ACC0,FINDINGS: a. IMPRESSION: ok.\nPT1,ACC1,FINDINGS: b. IMPRESSION: ok.\n")
+    files = {"0.dcm": _part10(_image(real("MR_small.dcm"), "ACC0", "PT0", "1.2.3.0")),
+             "1.dcm": _part10(_without_uid(real("CT_small.dcm"), "ACC1", "PT1", meta_uid=True)),
+             "2.dcm": _bytes_without_uid(_without_uid(real("MR_small.dcm"), "ACC2", "PT2", meta_uid=False))}
+    for name, data in files.items():
+        (src / "dicom" / name).write_bytes(data)
+    (src / "reports.csv").write_text("patient_id,accession_number,report_text\n" + "".join(
+        f"PT{i},ACC{i},FINDINGS: f{i}. IMPRESSION: ok.\n" for i in range(3)))
     summary, q, manifest = _ingest(src, tmp_path / "ds")
-    assert summary.accepted == 2 and len(q) == 0, q.to_dict("records")
+    assert summary.accepted == 3 and len(q) == 0, q.to_dict("records")
+    from mmclinic.phi.dicom_deid import Pseudonymizer
+
+    pseudo = Pseudonymizer(bytes.fromhex((tmp_path / "key").read_text().strip()))
+    digest = hashlib.sha256(files["2.dcm"]).hexdigest()
+    derived = f"2.25.{int(digest[:32], 16)}"
+    by_id = dict(zip(manifest["image_id"], manifest["uid_source"]))
+    assert by_id == {pseudo.image("1.2.3.0"): "SOPInstanceUID", pseudo.image("1.2.3.4.1"): "MediaStorageSOPInstanceUID",
+                     pseudo.image(derived): "content_sha256"}  # the derivation is recorded per image
+    # Stable: the same bytes under another name and folder give the same dataset (ids, splits, version).
+    moved = tmp_path / "moved"
+    (moved / "dicom" / "elsewhere").mkdir(parents=True)
+    for name, data in files.items():
+        (moved / "dicom" / "elsewhere" / f"renamed-{name}").write_bytes(data)
+    shutil.copyfile(src / "reports.csv", moved / "reports.csv")
+    again, _, manifest2 = _ingest(moved, tmp_path / "ds2")
+    assert sorted(manifest2["image_id"]) == sorted(manifest["image_id"])
+    assert again.version == summary.version
+    # An identical copy of the UID-less file is a duplicate of it, said so in its message.
+    (src / "dicom" / "3.dcm").write_bytes(files["2.dcm"])
+    _, q3, manifest3 = _ingest(src, tmp_path / "ds3")
+    assert len(manifest3) == 3
+    row = q3[q3["source_path"] == "dicom/3.dcm"].iloc[0]
+    assert row["reason_code"] == "duplicate" and "no SOPInstanceUID" in row["message"]
+
+
+def test_file_without_sop_instance_uid_gets_a_keyed_uid_in_its_deidentified_copy(tmp_path):
+    src = tmp_path / "src"
+    (src / "dicom").mkdir(parents=True)
+    data = _bytes_without_uid(_without_uid(real("MR_small.dcm"), "ACC0", "PT0", meta_uid=False))
+    (src / "dicom" / "0.dcm").write_bytes(data)
+    (src / "reports.csv").write_text("patient_id,accession_number,report_text\nPT0,ACC0,FINDINGS: a. IMPRESSION: ok.\n")
+    ingest(src, tmp_path / "ds", "dicom", tmp_path / "key", IngestOptions(max_side=64, workers=1, write_dicom=True))
+    from mmclinic.phi.annex_e import remap_uid
+    from mmclinic.phi.dicom_deid import Pseudonymizer
+
+    pseudo = Pseudonymizer(bytes.fromhex((tmp_path / "key").read_text().strip()))
+    derived = f"2.25.{int(hashlib.sha256(data).hexdigest()[:32], 16)}"
+    copies = list((tmp_path / "ds" / "dicom").glob("*.dcm"))
+    assert [c.stem for c in copies] == [pseudo.image(derived)]
+    copy = pydicom.dcmread(copies[0])
+    assert copy.SOPInstanceUID == copy.file_meta.MediaStorageSOPInstanceUID == remap_uid(derived, pseudo)
+
+
+def test_file_without_sop_instance_uid_and_without_pixels_is_refused_for_its_pixels(tmp_path):
+    """Quarantined for what is wrong with the image (no PixelData), the missing UID named beside it."""
+    src = tmp_path / "src"
+    (src / "dicom").mkdir(parents=True)
+    ds = _without_uid(real("MR_small.dcm"), "ACC0", "PT0", meta_uid=False)
+    del ds.PixelData
+    (src / "dicom" / "0.dcm").write_bytes(_bytes_without_uid(ds))
+    (src / "reports.csv").write_text("patient_id,accession_number,report_text\nPT0,ACC0,FINDINGS: a. IMPRESSION: ok.\n")
+    summary, q, _ = _ingest(src, tmp_path / "ds")
+    assert summary.accepted == 0
+    row = q[q["kind"] == "image"].iloc[0]
+    assert row["reason_code"] == "no_pixel_data", row.to_dict()
+    assert "SOPInstanceUID (0008,0018) is missing" in row["message"] and "PT0" not in row["message"]

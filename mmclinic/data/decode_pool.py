@@ -99,11 +99,12 @@ def _identity(ds: Any) -> dict[str, Any]:
 
 def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
     """Decode one input file into one PNG per kept frame. Never raises: errors become a result."""
-    from mmclinic.data.images import (ImageRecord, is_dicom, decode_dicom, open_dicom, read_image,
+    from mmclinic.data.images import (ImageRecord, is_dicom, decode_dicom, instance_uid, open_dicom, read_image,
                                       resize_pixels, to_png_bytes)
 
     path, index = Path(job["path"]), job["index"]
     scanned = {"frames": 0, "with_text": 0, "regions": 0}  # pixel text (quarantine / redact): counts only
+    uid_source = ""  # DICOM: where the image's identifier came from (images.instance_uid); empty otherwise
     try:
         ident: dict[str, Any] = {}
         burned = ""
@@ -111,8 +112,9 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
         if path.is_file() and is_dicom(path):
             ds = open_dicom(path)
             ident = _identity(ds)
-            if not ident["SOPInstanceUID"]:
-                raise errors.UnsupportedPixelFormat(f"{path.name}: missing tag SOPInstanceUID (0008,0018)")
+            # Without the tag the image is still read: its identifier comes from the file meta or the
+            # file's bytes, and the result says so (``uid_source``).
+            ident["SOPInstanceUID"], uid_source = instance_uid(ds, path)
             burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
             if burned == "YES" and settings.burned_in == "quarantine":
                 raise errors.BurnedInAnnotation(
@@ -143,12 +145,18 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
             from mmclinic.phi.dicom_deid import Pseudonymizer
 
             pseudo = Pseudonymizer(bytes.fromhex(settings.deid_key_hex or ""))
+            if uid_source != "SOPInstanceUID":  # the copy carries the identifier (keyed, like every UID)
+                ds.SOPInstanceUID = ident["SOPInstanceUID"]
             clean, _ = deidentify_dataset(ds, pseudo, burned_in="keep")
             dest = Path(settings.dicom_out_dir) / f"{pseudo.image(ident['SOPInstanceUID'])}.dcm"
             clean.save_as(dest, enforce_file_format=True)
-        return {"ok": True, "index": index, "ident": ident, "images": images, "pixel_text": scanned}
+        return {"ok": True, "index": index, "ident": ident, "images": images, "pixel_text": scanned,
+                "uid_source": uid_source}
     except errors.InputError as exc:
-        return {"ok": False, "index": index, "reason": exc.reason_code, "message": str(exc), "pixel_text": scanned}
+        message = str(exc)
+        if uid_source not in ("", "SOPInstanceUID"):  # both problems named: the refusal is the image's, not the UID's
+            message += "; tag SOPInstanceUID (0008,0018) is missing as well"
+        return {"ok": False, "index": index, "reason": exc.reason_code, "message": message, "pixel_text": scanned}
     except PixelTextError as exc:  # OCR could not run on this file: text cannot be ruled out
         return {"ok": False, "index": index, "reason": "burned_in_text", "pixel_text": scanned,
                 "message": f"{path.name}: could not be checked for text in its pixels ({exc}); "

@@ -419,6 +419,34 @@ def _check_inflated_size(source: _DicomBytes, limit: int) -> None:
                 break
 
 
+UID_SOURCES = ("SOPInstanceUID", "MediaStorageSOPInstanceUID", "content_sha256")
+"""Where :func:`instance_uid` found (or how it made) an image's identifier."""
+
+
+def instance_uid(ds: Any, path: str | Path) -> tuple[str, str]:
+    """The image's instance identifier and its source (one of :data:`UID_SOURCES`).
+
+    The tag SOPInstanceUID (0008,0018); without it, the file meta's MediaStorageSOPInstanceUID
+    (0002,0003); without either, a UID derived from the file's bytes: ``2.25.`` and the first 128
+    bits of their SHA-256 as a decimal number (the UUID-derived form of PS3.5 B.2). The same file
+    always gets the same identifier, wherever it lies, and an identical copy repeats it.
+    """
+    import hashlib
+
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if uid:
+        return uid, "SOPInstanceUID"
+    meta = getattr(ds, "file_meta", None)
+    uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip() if meta is not None else ""
+    if uid:
+        return uid, "MediaStorageSOPInstanceUID"
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return f"2.25.{int(digest.hexdigest()[:32], 16)}", "content_sha256"
+
+
 _IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
 
 

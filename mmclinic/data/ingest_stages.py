@@ -48,7 +48,7 @@ MANIFEST_COLUMNS = [
     "image_id", "patient_key", "study_key", "report_id", "split", "modality", "view", "laterality",
     "source_format", "image_sha256", "path", "photometric", "sex", "age_band", "manufacturer",
     "body_part", "rows", "columns", "date_shift_days", "source", "labels", "burned_in", "phash", "dup_group",
-    "frame", "pixel_spacing", "study_date_shifted",
+    "frame", "pixel_spacing", "study_date_shifted", "uid_source",
 ]
 REPORT_COLUMNS = ["report_id", "patient_key", "split", "findings", "impression", "indication", "comparison",
                   "history", "caption", "text"]
@@ -156,6 +156,9 @@ class PairedImage:
     """The decode pool's frames: ``png`` (file in the workspace), ``sha256``, ``phash``, ``meta``."""
     report: ReportRow | None
     patient_id: str
+    uid_source: str = ""
+    """DICOM: where the image's identifier came from (:data:`mmclinic.data.images.UID_SOURCES`: the tag
+    SOPInstanceUID, else the file meta's, else derived from the file's bytes); empty for other images."""
 
 
 @dataclasses.dataclass
@@ -227,7 +230,9 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
         uid = ident.get("SOPInstanceUID") or job.image_uid or job.rel
         name = Path(job.rel).name
         if uid in seen_uid:
-            what = "tag SOPInstanceUID" if ident.get("SOPInstanceUID") else "its image identifier"
+            what = {"SOPInstanceUID": "tag SOPInstanceUID", "MediaStorageSOPInstanceUID": "tag "
+                    "MediaStorageSOPInstanceUID (it has no SOPInstanceUID)", "content_sha256": "its content "
+                    "(it has no SOPInstanceUID)"}.get(res.get("uid_source", ""), "its image identifier")
             quarantine.append(_refusal(job.rel, "duplicate", f"{name}: {what} repeats an earlier file", "image"))
             continue
         patient_id = (job.patient_id or ident.get("PatientID", "") or (row.patient_id if row else "")).strip()
@@ -245,7 +250,7 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
             identities[row.key].update(row.identities)
             names[row.key].update(ident[k] for k in NAME_TAGS if ident.get(k))
         keep = {k: ident.get(k, "") for k in ("SOPInstanceUID", "StudyInstanceUID", "StudyDate")}
-        pairs.append(PairedImage(job, keep, res["images"], row, patient_id))
+        pairs.append(PairedImage(job, keep, res["images"], row, patient_id, res.get("uid_source", "")))
     return Pairing(pairs=pairs, identities=identities, names=names, decode_failures=decode_failures,
                    failed_reports=failed_reports, paired_with_report=sum(p.report is not None for p in pairs),
                    quarantine=quarantine, pixel_text=pixel_text)
@@ -407,6 +412,7 @@ def build_manifest(scan: Scan, pairing: Pairing, reports: ReportTable, pseudo: P
                 "phash": img["phash"], "dup_group": "", "frame": int(meta.get("frame", frame) or 0),
                 "pixel_spacing": spacing_text(meta.get("pixel_spacing")),
                 "study_date_shifted": shifted_date(ident.get("StudyDate", ""), pseudo.date_shift_days(patient_key)),
+                "uid_source": p.uid_source,
                 "_source_split": job.source_split or (row.source_split if row else ""),
             }
             (paired_rows if row is not None else unpaired_rows).append(record)
