@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -269,12 +270,25 @@ class ExperimentConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def hash(self) -> str:
-        """A stable 16-hex-digit hash of the resolved configuration."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable 16-hex-digit hash of the resolved configuration (keys of
+        :data:`HASH_OMITTED_AT_DEFAULT` count only when they differ from their default, so that adding
+        such a key leaves the hashes of existing experiments as they were)."""
+        plain = self.to_dict()
+        for dotted in HASH_OMITTED_AT_DEFAULT:
+            section, key = dotted.split(".")
+            if plain[section].get(key) == _DEFAULT_PLAIN[section].get(key):
+                plain[section].pop(key, None)
+        blob = json.dumps(plain, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+HASH_OMITTED_AT_DEFAULT = ("train.locked_tower", "train.cache_locked", "train.embedding_cache_dir",
+                           "train.image_image_weight", "train.text_text_weight", "train.aux_labels",
+                           "train.max_logit_scale")
+"""Keys added after experiments were recorded: left out of :meth:`ExperimentConfig.hash` at their default."""
 
 
 def _to_plain(obj: Any) -> Any:
@@ -406,6 +420,10 @@ def _validate(obj: Any, prefix: str) -> None:
                               f"'{prefix}.match_weight' is > 0")
     if isinstance(obj, ModelConfig):
         _validate_checkpoint_keys(obj, prefix)
+    if isinstance(obj, TrainConfig):
+        _validate_training_extras(obj, prefix)
+    if isinstance(obj, ExperimentConfig):
+        _validate_locked_tower(obj)
     if isinstance(obj, DataConfig) and obj.hflip:
         raise ConfigError(f"config key '{prefix}.hflip' cannot be true: a horizontal flip exchanges the patient's "
                           "left and right while the report, its laterality-swap negative, the other mismatch "
@@ -440,6 +458,63 @@ def _validate_checkpoint_keys(m: ModelConfig, prefix: str) -> None:
         if tower != "checkpoint" and folder is not None:
             raise ConfigError(f"config key '{prefix}.{side}_checkpoint' names the folder of {side}_tower "
                               f"'checkpoint' and only of it ({side}_tower is {tower!r})")
+
+
+AUX_LABEL_COLUMNS = ("modality", "view", "laterality")
+"""Manifest columns an auxiliary label head (``train.aux_labels``) can learn; ``labels.KEY`` names a
+key of the manifest's ``labels`` objects."""
+
+
+def parse_aux_labels(items: typing.Sequence[str], key: str = "train.aux_labels") -> dict[str, float]:
+    """``("modality:0.2", "labels.plane:0.1")`` -> ``{"modality": 0.2, "labels.plane": 0.1}`` (weight 0 dropped)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, raw = str(item).rpartition(":") if ":" in str(item) else (str(item), "", "")
+        name = name.strip()
+        if name not in AUX_LABEL_COLUMNS and not (name.startswith("labels.") and len(name) > len("labels.")):
+            raise ConfigError(f"config key '{key}': unknown label {name!r} (allowed: "
+                              f"{', '.join(AUX_LABEL_COLUMNS)} or labels.KEY, a key of the manifest's labels)")
+        try:
+            weight = float(raw) if sep else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not weight >= 0 or weight == float("inf"):
+            raise ConfigError(f"config key '{key}': weight of {name!r} must be a number >= 0, got {raw!r}")
+        if name in out:
+            raise ConfigError(f"config key '{key}': label {name!r} given twice")
+        out[name] = weight
+    return {k: w for k, w in out.items() if w > 0}
+
+
+def _validate_training_extras(t: TrainConfig, prefix: str) -> None:
+    for name in ("image_image_weight", "text_text_weight"):
+        value = getattr(t, name)
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"config key '{prefix}.{name}' must be a number >= 0, got {value}")
+    parse_aux_labels(t.aux_labels, f"{prefix}.aux_labels")
+    if t.max_logit_scale is not None and not 0 < t.max_logit_scale < 20:
+        raise ConfigError(f"config key '{prefix}.max_logit_scale' must be in (0, 20) (a log scale: log(100) is "
+                          f"{math.log(100.0):.4f}) or null, got {t.max_logit_scale}")
+    if t.embedding_cache_dir is not None and t.locked_tower == "none":
+        raise ConfigError(f"config key '{prefix}.embedding_cache_dir' caches a locked tower's features: set "
+                          f"'{prefix}.locked_tower' to 'image' or 'text' (it is 'none')")
+
+
+def _validate_locked_tower(c: ExperimentConfig) -> None:
+    t = c.train
+    if t.locked_tower == "image" and t.cache_locked:
+        if c.data.augment:
+            raise ConfigError("config keys 'train.locked_tower: image' with 'train.cache_locked: true' and "
+                              "'data.augment: true' do not go together: cached features are of the stored image, "
+                              "an augmented image differs at every step. Set 'data.augment: false' (or "
+                              "'train.cache_locked: false' to run the locked tower on every augmented batch).")
+        if t.image_image_weight > 0:
+            raise ConfigError("config key 'train.image_image_weight' needs two augmented views through the image "
+                              "tower, which 'train.locked_tower: image' with 'train.cache_locked: true' never runs; "
+                              "set 'train.cache_locked: false' or 'train.image_image_weight: 0'")
+    if t.image_image_weight > 0 and not c.data.augment:
+        raise ConfigError("config key 'train.image_image_weight' contrasts two augmented views of each image: "
+                          "set 'data.augment: true' (without augmentation both views are the same image)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -485,6 +560,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Exper
     if not isinstance(raw, dict):
         raise ConfigError(f"experiment file {path} must hold a mapping at the top level")
     return config_from_dict(raw, overrides)
+
+
+_DEFAULT_PLAIN = ExperimentConfig().to_dict()
 
 
 def diff_configs(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:

@@ -59,16 +59,19 @@ class BatchSchema:
     max_length: int
     negative_kinds: tuple[str, ...] = ()
     """Kinds of precomputed negative texts, each adding :func:`negative_features`."""
+    extra: tuple[Feature, ...] = ()
+    """Optional features after those (see :mod:`mmclinic.data.extra_features`)."""
 
     @classmethod
-    def for_training(cls, data: DataConfig, negative_kinds: Sequence[str] = ()) -> BatchSchema:
-        return cls(data.image_size, data.max_length, tuple(negative_kinds))
+    def for_training(cls, data: DataConfig, negative_kinds: Sequence[str] = (),
+                     extra: Sequence[Feature] = ()) -> BatchSchema:
+        return cls(data.image_size, data.max_length, tuple(negative_kinds), tuple(extra))
 
     @property
     def features(self) -> tuple[Feature, ...]:
         negatives = tuple(f for kind in self.negative_kinds for f in negative_features(kind))
         return (IMAGE, TOKEN_IDS, PADDING_MASK, SWAPPED_IDS, SWAPPED_MASK, HAS_SIDE, TEXT, PATIENT_KEY, NORM_KEY,
-                *negatives)
+                *negatives, *self.extra)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -78,24 +78,38 @@ class DualEncoder(keras.Model):
         self.max_length = max_length
 
     def encode_image(self, image: Any, training: bool = False) -> Any:
-        feats = self.image_backbone(image, training=training)
-        return _l2_normalize(ops.cast(self.image_proj(feats), "float32"))
+        return self.project_image(self.image_features(image, training))
+
+    def image_features(self, image: Any, training: bool = False) -> Any:
+        """(B, S, S, 1) -> (B, F): the image backbone's pooled features, before the projection (what a
+        locked image tower's cache holds)."""
+        return self.image_backbone(image, training=training)
+
+    def project_image(self, features: Any) -> Any:
+        """(B, F) backbone features -> (B, D) unit image embeddings (float32)."""
+        return _l2_normalize(ops.cast(self.image_proj(features), "float32"))
 
     def encode_text(self, token_ids: Any, padding_mask: Any, training: bool = False) -> Any:
+        return self.project_text(self.text_features(token_ids, padding_mask, training))
+
+    def text_features(self, token_ids: Any, padding_mask: Any, training: bool = False) -> Any:
+        """(B, L) token ids and padding mask -> (B, F): the text backbone's pooled output, before the
+        projection (what a locked text tower's cache holds)."""
         if self.text_pooled:
             # SigLIP's text tower: exactly its own length, attends to the padding as it was trained,
             # its head on the last position.
-            pooled = self.text_backbone({"token_ids": token_ids}, training=training)
-            return _l2_normalize(ops.cast(self.text_proj(pooled), "float32"))
+            return self.text_backbone({"token_ids": token_ids}, training=training)
         out = self.text_backbone({"token_ids": token_ids, "segment_ids": ops.zeros_like(token_ids),
                                   "padding_mask": padding_mask}, training=training)
         seq = out["sequence_output"]
         if self.text_pooling == "cls":
-            pooled = seq[:, 0, :]
-        else:
-            mask = ops.cast(ops.expand_dims(padding_mask, -1), seq.dtype)
-            pooled = ops.sum(seq * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
-        return _l2_normalize(ops.cast(self.text_proj(pooled), "float32"))
+            return seq[:, 0, :]
+        mask = ops.cast(ops.expand_dims(padding_mask, -1), seq.dtype)
+        return ops.sum(seq * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+
+    def project_text(self, features: Any) -> Any:
+        """(B, F) pooled text features -> (B, D) unit text embeddings (float32)."""
+        return _l2_normalize(ops.cast(self.text_proj(features), "float32"))
 
     def contrastive_logits(self, image_emb: Any, text_emb: Any) -> Any:
         """(B_img, D), (B_txt, D) unit embeddings -> (B_img, B_txt) ``exp(logit_scale) * cos +

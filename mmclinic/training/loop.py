@@ -264,11 +264,15 @@ def _train(setup: RunSetup) -> TrainResult:
     if tc.reviews:
         negatives = _with_reviews(setup, negatives, manifest, kinds)
     latest = _latest_checkpoint(setup.workdir)
-    step = TrainStep.build(config, len(vocab), setup.strategy, kinds, load_pretrained=latest is None)
+    from mmclinic.training.extras import read_extra_inputs
+
+    step = TrainStep.build(config, len(vocab), setup.strategy, kinds, load_pretrained=latest is None,
+                           extra_inputs=read_extra_inputs(config, setup.data))
     if init is not None and latest is None:
         _init_weights(setup, step, init)
     checkpoints = _Checkpoints(step, RunDir(setup.workdir if setup.chief else setup.own_dir).checkpoint_dir,
                                latest)
+    _settle_extras(setup, step, tokenizer, negatives)
     lineage = _Lineage(setup, step, manifest, vocab, negatives)
     batches = _training_batches(setup, step, tokenizer, negatives, skip=checkpoints.step)
     validation = _Validation(setup, step.model, tokenizer)
@@ -350,6 +354,30 @@ def _with_reviews(setup: RunSetup, negatives, manifest, kinds):
     return out
 
 
+def _settle_extras(setup: RunSetup, step: TrainStep, tokenizer, negatives) -> None:
+    """The logit-scale cap (recorded in ``run.json`` when the run starts; a resumed run keeps the
+    recorded one) and a locked tower's feature cache (:mod:`mmclinic.training.lit`), recorded too;
+    both as ``step.run_record`` for MLflow."""
+    from mmclinic.training.extras import DEFAULT_MAX_LOGIT_SCALE
+    from mmclinic.training.lit import attach_caches
+
+    tc, run = setup.config.train, RunDir(setup.own_dir)
+    if setup.resuming:
+        # A run recorded before the cap was: it was trained with the fixed default cap.
+        recorded = run.info().get("logit_scale_cap")
+        step.logit_scale_cap = float(recorded if recorded is not None else
+                                     tc.max_logit_scale if tc.max_logit_scale is not None else DEFAULT_MAX_LOGIT_SCALE)
+    else:
+        run.update_info(logit_scale_cap=step.logit_scale_cap)
+    record = {"train.logit_scale_cap": round(step.logit_scale_cap, 6)}
+    cache_dir = Path(tc.embedding_cache_dir) if tc.embedding_cache_dir else setup.own_dir / "embedding_cache"
+    cache = attach_caches(step, setup.data, tokenizer, negatives, setup.dataset_version, cache_dir)
+    if cache is not None:
+        run.update_info(locked_cache=cache)
+        record |= {f"train.locked_cache.{k}": cache[k] for k in ("role", "key", "items", "dim", "reused", "seconds")}
+    step.run_record = record
+
+
 class _Checkpoints:
     """The run's checkpoints: model, optimizer, the step counter and dropout's random-number
     states; restored from ``latest`` when there is one."""
@@ -362,7 +390,8 @@ class _Checkpoints:
         # Dropout's random-number states are not in the model's checkpoint graph: save them too, so
         # that a resumed run draws the masks an uninterrupted one would.
         rng_states = [v for v in step.model.variables if v.path.endswith("seed_generator_state")]
-        ckpt = tf.train.Checkpoint(model=step.model, optimizer=step.optimizer, step=self.step_var, rng=rng_states)
+        ckpt = tf.train.Checkpoint(model=step.model, optimizer=step.optimizer, step=self.step_var, rng=rng_states,
+                                   **step.extras.checkpoint_objects())
         self.manager = tf.train.CheckpointManager(ckpt, str(save_dir), max_to_keep=3)
         if latest:
             ckpt.restore(latest).assert_existing_objects_matched()
@@ -414,6 +443,7 @@ class _Lineage:
                           "model.trainable_params": sum(int(np.prod(v.shape)) for v in step.variables),
                           "model.non_trainable_params": n_frozen,
                           "train.replicas": step.replicas, "train.global_batch": step.global_batch})
+        mlrun.log_params(getattr(step, "run_record", {}))  # the logit-scale cap, a locked tower's cache
         mlrun.log_params({f"train.negatives.{k}": n for k, n in negatives.counts().items()}
                          | {"train.negatives.reports": len(negatives.report_ids),
                             "train.negatives.findings_source": negatives.findings_source})
@@ -467,7 +497,8 @@ def _training_batches(setup: RunSetup, step: TrainStep, tokenizer, negatives, sk
     from mmclinic.data.pipeline import make_dataset
 
     ds = make_dataset(setup.data, "train", setup.config.data, tokenizer, step.global_batch, training=True,
-                      seed=setup.config.train.seed, skip_batches=skip, negatives=negatives, schema=step.schema)
+                      seed=setup.config.train.seed, skip_batches=skip, negatives=negatives, schema=step.schema,
+                      extras=step.extras.pipeline_inputs())
     return step.distribute(ds)
 
 

@@ -73,14 +73,14 @@ def lr_schedule(train: TrainConfig) -> keras.optimizers.schedules.LearningRateSc
         warmup_target=train.learning_rate if train.warmup_steps else None, warmup_steps=train.warmup_steps)
 
 
-def build_optimizer(train: TrainConfig, model: Any) -> keras.optimizers.Optimizer:
+def build_optimizer(train: TrainConfig, model: Any, extra_variables: Any = ()) -> keras.optimizers.Optimizer:
     """The run's optimizer for ``model``'s trainable variables (freeze the model first), built.
 
     :class:`LayerwiseAdamW` on :func:`lr_schedule`, with the text tower's layer-wise rates when
     ``train.text_lr_multiplier`` or ``train.layer_decay`` ask for them, wrapped in loss scaling
     under ``mixed_float16``. Gradients are to reach it already summed over replicas, so its
     global-norm clip sees the global gradient (as on one device). Call it inside the strategy's
-    scope.
+    scope. ``extra_variables``: trainable variables outside the model (auxiliary heads).
     """
     multipliers = ({} if train.text_lr_multiplier == 1.0 and train.layer_decay == 1.0
                    else model.text_lr_multipliers(train.text_lr_multiplier, train.layer_decay))
@@ -88,5 +88,5 @@ def build_optimizer(train: TrainConfig, model: Any) -> keras.optimizers.Optimize
                                global_clipnorm=train.clip_norm, lr_multipliers=multipliers, aggregated_gradients=True)
     if train.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
+    optimizer.build(model.trainable_variables + list(extra_variables))
     return optimizer

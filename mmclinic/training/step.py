@@ -21,13 +21,15 @@ import tensorflow as tf
 
 from mmclinic.config import ExperimentConfig, TrainConfig, parse_mismatch_kinds
 from mmclinic.data.negatives import REVIEWED_KIND, REVIEWED_MATCH_KIND, TABLE_KINDS
-from mmclinic.data.schema import (HAS_SIDE, IMAGE, NORM_KEY, PADDING_MASK, PATIENT_KEY, SWAPPED_IDS, SWAPPED_MASK,
+from mmclinic.data.schema import (HAS_SIDE, NORM_KEY, PATIENT_KEY, SWAPPED_IDS, SWAPPED_MASK,
                                   TEXT, TOKEN_IDS, BatchSchema, negative_features)
 from mmclinic.training import losses
+from mmclinic.training.extras import ExtraTerms, lock_tower, logit_scale_cap, text_sources
 from mmclinic.training.optim import build_optimizer
 
 MAX_LOGIT_SCALE = math.log(100.0)
-"""The learnable logit scale is clipped here after every step (a temperature of at least 0.01)."""
+"""The default cap of the learnable logit scale (a temperature of at least 0.01); the step's own cap
+is :attr:`TrainStep.logit_scale_cap` (``train.max_logit_scale``)."""
 
 TEXT_KEY = "text_key"
 """The step's own feature: the 63-bit hash of ``text`` (strings stay outside XLA and collectives)."""
@@ -89,6 +91,7 @@ def build_model(config: ExperimentConfig, vocab_size: int, replicas: int = 1, *,
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
     model.freeze(tc.freeze_text_layers, tc.freeze_image)
+    lock_tower(model, tc.locked_tower)
     return model
 
 
@@ -99,14 +102,16 @@ class TrainStep:
     global batch when ``train.global_negatives`` gathers the replicas' embeddings) with
     multi-positive targets for identical reports, and the match loss on the true pairs and one
     negative of every enabled kind; their gradients summed over replicas and applied by
-    ``optimizer``. After the replicas, the logit scale is clipped at :data:`MAX_LOGIT_SCALE`.
+    ``optimizer``. After the replicas, the logit scale is clipped at :attr:`logit_scale_cap`. The
+    optional terms (locked towers, image-image and text-text terms, auxiliary heads) are ``extras``
+    (:class:`mmclinic.training.extras.ExtraTerms`).
 
     ``optimizer`` is built for ``model.trainable_variables`` (see
     :func:`mmclinic.training.optim.build_optimizer`); :meth:`build` makes both from the config.
     """
 
     def __init__(self, config: ExperimentConfig, model: Any, optimizer: Any, strategy: Any,
-                 kinds: MismatchKinds | None = None) -> None:
+                 kinds: MismatchKinds | None = None, extras: ExtraTerms | None = None) -> None:
         tc = config.train
         self.config = config
         self.model = model
@@ -115,8 +120,12 @@ class TrainStep:
         self.kinds = kinds if kinds is not None else MismatchKinds.from_config(tc)
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = tc.batch_size * self.replicas
-        self.variables = model.trainable_variables
-        self.schema = BatchSchema.for_training(config.data, self.kinds.table_kinds)
+        self.extras = extras if extras is not None else ExtraTerms(config, model, None, None,
+                                                                   text_sources(self.kinds))
+        self.variables = model.trainable_variables + self.extras.variables
+        self.logit_scale_cap = logit_scale_cap(config, float(model.logit_scale.numpy()))
+        """Where the logit scale is clipped after every step (the loop sets a resumed run's recorded cap)."""
+        self.schema = BatchSchema.for_training(config.data, self.kinds.table_kinds, self.extras.features())
         """The features a batch must hold (the input pipeline builds its batches from it)."""
         self._gather = self.replicas > 1 and tc.global_negatives
         self._compiled = tf.function(self.replica_step, jit_compile=True) if tc.jit_compile else self.replica_step
@@ -126,12 +135,16 @@ class TrainStep:
 
     @classmethod
     def build(cls, config: ExperimentConfig, vocab_size: int, strategy: Any, kinds: MismatchKinds | None = None, *,
-              load_pretrained: bool = True) -> TrainStep:
-        """The model (:func:`build_model`), its optimizer and the step, in ``strategy``'s scope."""
+              load_pretrained: bool = True, extra_inputs: Any = None) -> TrainStep:
+        """The model (:func:`build_model`), its optimizer and the step, in ``strategy``'s scope.
+        ``extra_inputs``: the data the optional terms need
+        (:class:`mmclinic.data.extra_features.ExtraInputs`: label tables, report sections)."""
+        kinds = kinds if kinds is not None else MismatchKinds.from_config(config.train)
         with strategy.scope():
             model = build_model(config, vocab_size, strategy.num_replicas_in_sync, load_pretrained=load_pretrained)
-            optimizer = build_optimizer(config.train, model)
-        return cls(config, model, optimizer, strategy, kinds)
+            extras = ExtraTerms.build(config, model, extra_inputs, text_sources(kinds))
+            optimizer = build_optimizer(config.train, model, extras.variables)
+        return cls(config, model, optimizer, strategy, kinds, extras)
 
     def __call__(self, dist_batch: Mapping[str, Any]) -> dict[str, tf.Tensor]:
         """:attr:`distributed` on ``dist_batch``, checked against :attr:`schema` (once per set of
@@ -155,8 +168,8 @@ class TrainStep:
         :meth:`hash_strings`): the total loss and the terms the loop logs (``loss``,
         ``contrastive``, ``match``, and ``match_<kind>``, ``share_<kind>``, ``match_true_pair``)."""
         model, tc = self.model, self.config.train
-        img = model.encode_image(batch[IMAGE.name], training=True)
-        txt = model.encode_text(batch[TOKEN_IDS.name], batch[PADDING_MASK.name], training=True)
+        img = self.extras.image_embeddings(batch)  # model.encode_image, unless a tower is locked
+        txt = self.extras.text_embeddings(batch, (TOKEN_IDS.name,))
         key = batch[TEXT_KEY]
         # The global batch's negatives (differentiable all-gather, see losses.gather_replicas).
         # Label-aware masks (losses.contrastive_masks): a duplicate of the positive (the same report
@@ -184,7 +197,11 @@ class TrainStep:
             model.match_logits(img, txt), {k: model.match_logits(img, e) for k, e, _ in negs},
             {k: ok for k, _, ok in negs}, self.kinds.weights, positive_weight)
         total = contrastive + tc.match_weight * match
-        return total, {"loss": total, "contrastive": contrastive, "match": match, **per_kind}
+        extra: dict[str, tf.Tensor] = {}
+        if self.extras.active:  # image-image, text-text, auxiliary heads
+            added, extra = self.extras.terms(batch, img)
+            total = total + added
+        return total, {"loss": total, "contrastive": contrastive, "match": match, **per_kind, **extra}
 
     def pair_valid(self, batch: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """(B,) int64: 0 where a reviewer confirmed that the example's image and its report do not
@@ -207,9 +224,8 @@ class TrainStep:
         if text_kinds:
             parts = {k: (SWAPPED_IDS, SWAPPED_MASK, HAS_SIDE) if k == "laterality_swap" else negative_features(k)
                      for k in text_kinds}
-            ids = [batch[parts[k][0].name] for k in text_kinds]
-            masks = [batch[parts[k][1].name] for k in text_kinds]
-            emb = self.model.encode_text(tf.concat(ids, 0), tf.concat(masks, 0), training=True)
+            # One encoder call over every kind's texts (their cached features when the text tower is locked).
+            emb = self.extras.text_embeddings(batch, [parts[k][0].name for k in text_kinds])
             for k, e in zip(text_kinds, tf.split(emb, len(text_kinds), 0)):
                 negs.append((k, e, batch[parts[k][2].name]))
         return negs
@@ -246,5 +262,5 @@ class TrainStep:
 
     def _distributed_step(self, dist_batch: Any) -> dict[str, tf.Tensor]:
         out = self.strategy.run(self._replica, args=(dist_batch,))
-        self.model.logit_scale.assign(tf.minimum(self.model.logit_scale, MAX_LOGIT_SCALE))
+        self.model.logit_scale.assign(tf.minimum(self.model.logit_scale, self.logit_scale_cap))
         return {k: self.strategy.reduce("MEAN", v, axis=None) for k, v in out.items()}
