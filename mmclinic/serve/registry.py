@@ -5,14 +5,18 @@
   model, ``export.name``) on the same evaluation set (the run's validation split): a paired
   bootstrap over patients (the one ``mmclinic compare`` uses) of image-to-text R@5, mismatch
   AUROC overall and by corruption kind, and the match score's expected calibration error. The
-  challenger fails when it is worse than the champion by more than the margin of a metric
-  (``export.champion_gates``: ``metric:margin``); the failed metrics are named. Without a
-  champion the check passes with a note.
+  decision is a non-inferiority test on the bootstrap interval (:func:`gate_decision`): the
+  challenger fails a metric when the upper end of the 95 % interval of how much worse it is than
+  the champion exceeds the metric's margin (``export.champion_gates``: ``metric:margin``); the
+  failed metrics are named. Without a champion the check passes with a note.
 - On success, :func:`mark_challenger` sets the alias ``challenger`` on the run's registered
   version (tags ``mmclinic.vetted``, ``mmclinic.export_path``, ``mmclinic.export_version``,
   ``mmclinic.champion_comparison``) and the serving label ``canary`` in
-  ``MODEL_BASE/NAME/version_labels.json`` (when a ``stable`` version is labelled there: the first
-  export of a model has nothing to be a canary beside and is served as the latest version).
+  ``MODEL_BASE/NAME/version_labels.json``. The first vetted export of a model (no ``stable``
+  version yet) is labelled ``canary`` too: it is a candidate that nobody has promoted, and a
+  client's canary split (``/labels/canary``) reaches it from the start, while ``/labels/stable``
+  answers 404 until a version is promoted (a client without a stable label sends every request
+  to the model's latest version, TensorFlow Serving's default).
 - :func:`promote` moves ``champion`` (MLflow) and ``stable`` (serving) to the challenger (or a
   given vetted version); the previous champion keeps the alias ``previous`` (and the label
   ``previous``). :func:`rollback` moves them back. A version ``export`` never vetted is refused.
@@ -28,6 +32,7 @@ import getpass
 import json
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +46,7 @@ DEFAULT_GATES = ("image_to_text.R@5:0.05", "mismatch.auroc:0.05", "mismatch.auro
                  "calibration.ece:0.05")
 COMPARISON_FILE = "champion_comparison.json"
 
-__all__ = ["champion_check", "mark_challenger", "promote", "rollback", "history", "parse_gates", "DEFAULT_GATES"]
+__all__ = ["champion_check", "gate_decision", "mark_challenger", "promote", "rollback", "history", "parse_gates", "DEFAULT_GATES"]
 
 
 def _client():
@@ -94,6 +99,38 @@ def _run_version(client, name: str, mlflow_run_id: str | None):
 
 
 # --------------------------------------------------------------------------- vetting against the champion
+
+
+def gate_decision(difference: float | None, ci95: Sequence[float] | None, margin: float,
+                  higher_is_better: bool) -> dict[str, Any]:
+    """The champion gate of one metric: non-inferiority on the paired bootstrap interval.
+
+    ``difference`` is challenger minus champion, ``ci95`` its paired-bootstrap percentile interval
+    (:func:`mmclinic.eval.metrics.paired_bootstrap`). "How much worse" is ``-difference`` for a
+    metric where higher is better and ``difference`` otherwise; its interval is the matching
+    mirror of ``ci95``. The challenger passes when the interval's upper end (the most it may
+    plausibly be worse, a one-sided 97.5 % bound) is at most ``margin``; it fails otherwise.
+
+    Why the bound and not the point difference: the point difference passes a challenger whose
+    loss is hidden in the noise of a small evaluation set (a point loss of 0.02 with an interval
+    reaching 0.15 would pass a 0.05 margin); the bound requires the data to show that the loss is
+    within the margin, the usual rule of a non-inferiority comparison. The price is that a small
+    evaluation set (wide intervals) fails challengers that may be fine: widen the margin or
+    evaluate on more patients, the record shows which bound failed. A paired bootstrap keeps the
+    interval narrow when the two models rank the same patients alike (a fine-tune of the champion).
+
+    Where no interval could be made (fewer than 2 patients, too few usable resamples) the point
+    difference decides, and the record says so (``basis: "point"``); where the metric is undefined
+    on the data (``difference`` None, e.g. a corruption kind absent) the gate passes with
+    ``basis: "undefined"``. Returns ``{"passed", "worse", "worse_bound", "basis"}``.
+    """
+    if difference is None:
+        return {"passed": True, "worse": None, "worse_bound": None, "basis": "undefined"}
+    worse = -difference if higher_is_better else difference
+    if ci95 is None:
+        return {"passed": bool(worse <= margin), "worse": float(worse), "worse_bound": float(worse), "basis": "point"}
+    bound = -float(ci95[0]) if higher_is_better else float(ci95[1])
+    return {"passed": bool(bound <= margin), "worse": float(worse), "worse_bound": bound, "basis": "ci95"}
 
 
 def _scores(run_path: Path, split_data, seed: int):
@@ -176,14 +213,16 @@ def champion_check(run_dir, config, split_data, split: str = "val") -> tuple[boo
                                        lambda i, s=stat: s(runs["challenger"], i),
                                        len(clusters[items]), clusters[items], boot, seed)
         diff = res["difference"]
-        worse = None if diff is None else (-diff if higher else diff)
-        ok = worse is None or worse <= margin
+        gate = gate_decision(diff, res["ci95"], margin, higher)
         all_idx = np.arange(len(clusters[items]))
         rows.append({"metric": metric, "champion": stat(runs["champion"], all_idx),
                      "challenger": stat(runs["challenger"], all_idx), "difference": diff, "ci95": res["ci95"],
-                     "p": res["p"], "margin": margin, "higher_is_better": higher, "passed": ok})
-        if not ok:
-            failed.append(f"{metric} {'down' if higher else 'up'} {worse:.3f} > margin {margin:.3f}")
+                     "p": res["p"], "margin": margin, "higher_is_better": higher, "passed": gate["passed"],
+                     "worse_bound": gate["worse_bound"], "basis": gate["basis"]})
+        if not gate["passed"]:
+            what = "up to" if gate["basis"] == "ci95" else "(point, no interval)"
+            failed.append(f"{metric} worse by {what} {gate['worse_bound']:.3f} (point {gate['worse']:.3f}, "
+                          f"{'higher' if higher else 'lower'} is better) > margin {margin:.3f}")
     passed = not failed
     record |= {"champion": int(champion.version), "champion_run": str(champ_dir), "passed": passed,
                "boot": boot, "patients": int(len(set(patients))), "metrics": rows}
@@ -263,7 +302,9 @@ def mark_challenger(run_dir, config, export_name: str, version_dir: Path, versio
     version_dir = Path(version_dir)
     labels_path = ModelFolder(version_dir.parent).labels_path
     stable = json.loads(labels_path.read_text(encoding="utf-8")).get(STABLE) if labels_path.is_file() else None
-    if stable is not None:  # a canary beside the stable version; the first version is served as the latest
+    # The canary beside the stable version, or the first candidate of a model with none yet:
+    # promote then makes it stable (and drops the canary label that points to the same version).
+    if stable != version:
         _write_labels(version_dir.parent, {CANARY: version})
     client = _client()
     name = config.export.name
@@ -271,7 +312,8 @@ def mark_challenger(run_dir, config, export_name: str, version_dir: Path, versio
     comparison_path = Path(run_dir.eval_dir) / COMPARISON_FILE
     comparison = json.loads(comparison_path.read_text()) if comparison_path.is_file() else {}
     short = {k: comparison.get(k) for k in ("champion", "split", "passed", "note", "patients", "boot")}
-    short["metrics"] = [{k: m[k] for k in ("metric", "champion", "challenger", "difference", "margin", "passed")}
+    short["metrics"] = [{k: m.get(k) for k in ("metric", "champion", "challenger", "difference", "ci95", "worse_bound",
+                                                "basis", "margin", "passed")}
                         for m in comparison.get("metrics", [])]
     who = getpass.getuser()
     if mv is None:
