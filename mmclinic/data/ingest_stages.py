@@ -40,7 +40,7 @@ from mmclinic.data import cards, shards, splits
 from mmclinic.data.decode_pool import NAME_TAGS
 from mmclinic.data.sources import SCANNERS, CsvColumns, ImageJob, ReportRow, SourceScan
 from mmclinic.phi.dicom_deid import Pseudonymizer
-from mmclinic.phi.text_deid import deidentify_text
+from mmclinic.phi.text_deid import KnownIdentities, deidentify_text
 from mmclinic.text import model_text as model_text_mod
 from mmclinic.text import reports as reports_mod
 
@@ -176,6 +176,9 @@ class Pairing:
     paired_with_report: int
     """Images paired with a report (counted here, before later stages empty ``pairs``)."""
     quarantine: list[dict[str, str]]
+    known: KnownIdentities = dataclasses.field(default_factory=KnownIdentities)
+    """Every identity read from a header or a report row, refused files' included: quarantine.csv names files
+    by their source path, and exports name folders and files after the patient (:func:`quarantine_table`)."""
     pixel_text: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     """Frames searched for text in their pixels (``frames``), those with text (``with_text``) and its regions
     (``regions``), over every decoded file, refused ones included (``--burned-in quarantine|redact``)."""
@@ -213,6 +216,9 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
     decode_failures = 0
     failed_reports: set[str] = set()
     pixel_text: collections.Counter[str] = collections.Counter()
+    known = KnownIdentities()
+    for row in scan.reports.values():
+        known.add(row.identities)
     for job, res in in_input_order(scan.images, results):
         pixel_text.update(res.get("pixel_text") or {})
         if not res["ok"]:
@@ -222,6 +228,7 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
                 failed_reports.add(job.report_key)
             continue
         ident = res["ident"]
+        known.add((v for k, v in ident.items() if k not in NAME_TAGS), (ident.get(k, "") for k in NAME_TAGS))
         if job.report_key is not None:
             row = scan.reports.get(job.report_key)
         else:
@@ -253,7 +260,7 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
         pairs.append(PairedImage(job, keep, res["images"], row, patient_id, res.get("uid_source", "")))
     return Pairing(pairs=pairs, identities=identities, names=names, decode_failures=decode_failures,
                    failed_reports=failed_reports, paired_with_report=sum(p.report is not None for p in pairs),
-                   quarantine=quarantine, pixel_text=pixel_text)
+                   quarantine=quarantine, known=known, pixel_text=pixel_text)
 
 
 # --------------------------------------------------------------------------- reports
@@ -508,9 +515,15 @@ class Written:
 
 
 def quarantine_table(scan: Scan, pairing: Pairing, reports: ReportTable, rows: ManifestRows) -> pd.DataFrame:
-    """Every stage's refusals, in stage order, sorted by source path (stable)."""
+    """Every stage's refusals, in stage order, sorted by source path (stable).
+
+    Paths and messages lose the identities the archive holds (``[REDACTED]``): a folder or file named
+    after a patient, an MRN or an accession number names a refused file by its path."""
     refused = [*scan.quarantine, *pairing.quarantine, *reports.quarantine, *rows.quarantine]
-    return pd.DataFrame(refused, columns=QUARANTINE_COLUMNS).sort_values("source_path", kind="stable")
+    table = pd.DataFrame(refused, columns=QUARANTINE_COLUMNS)
+    for col in ("source_path", "message"):
+        table[col] = [pairing.known.redact(v) if isinstance(v, str) else v for v in table[col]]
+    return table.sort_values("source_path", kind="stable")
 
 
 def flow_counts(scan: Scan, pairing: Pairing, reports: ReportTable, rows: ManifestRows) -> dict[str, int]:
@@ -571,8 +584,13 @@ def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, report
     layout.info_path.write_text(json.dumps({"version": version, "format": scan.format, "name": out.name,
                                                   "text": model_text_mod.TextConfig(scan.text_policy).to_dict()},
                                                  indent=2) + "\n")
+    # The previous dataset is moved aside whole, never deleted in place: a run killed here leaves it
+    # complete (as DATASET or DATASET.old), and the next run removes what is left of it.
+    old = out.with_name(out.name + ".old")
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     cards.copy_into_repository(DatasetDir(out).data_card_path, out.name)
     return Written(dataset=out, version=version, quarantined=len(qdf))

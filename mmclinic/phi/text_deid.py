@@ -134,7 +134,7 @@ def _rule(name: str, first: str, pattern: str, replacement: str) -> tuple[str, r
     return name, re.compile(rf"(?={first})(?:{pattern})"), replacement
 
 
-# Order matters: specific rules before general ones; names before institutions (whose ", City" tail
+# Order matters: specific rules before general ones; DICOM names (FAMILY^GIVEN) before other names; names before institutions (whose ", City" tail
 # must not swallow a title), institutions before addresses.
 RULES: list[tuple[str, re.Pattern[str], str]] = [
     ("email", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), "[EMAIL]"),
@@ -185,6 +185,10 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
         rf"|(?<!\[)\b(?i:aged?|age[ \t]*:)[ \t]*{_AGE}(?![\d.]){_NOT_UNIT}"  # not our own "[AGE 90+]"
         rf"|\b{_AGE}[ \t]*-?[ \t]*(?i:years?|yrs?)\b(?![ \t]+(?i:ago|later|earlier|before|after|prior|since)\b)",
         "[AGE 90+]"),
+    # DICOM person names before the other name rules: "Name: SMITH^JOHN" and "Dr. Smith^John" lose both parts
+    # (a rule that stops at the caret would leave the given name behind).
+    _rule("dicom_person_name", r"[A-Z]",
+        r"\b[A-Z][A-Za-z'\-]+\^[A-Z][A-Za-z'\-]*(?:\^[A-Za-z'\-]*){0,3}", "[NAME]"),
     _rule("titled_name", r"[DdPMm]",
         rf"(?<![A-Za-z])(?:(?:Dr|dr|Doctor|doctor|DOCTOR|Prof|Professor)(?:\.[ \t]*|[ \t]+)|DR\.[ \t]*"
         rf"|(?:Mr|Mrs|Ms|Mx|Miss|Mstr|mrs)\.[ \t]*|(?:Mr|Mrs|Ms|Mx|Miss)[ \t]+|(?:MRS|PROF)\.[ \t]*)"
@@ -213,8 +217,6 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
         # without a colon only a first and last name in title case: "Patient John Smith", not "Patient Treated"
         rf"|(?P<keep2>\b[Pp]atient[ \t]+){_NOT_NAME}[A-Z][a-z'’\-]+(?:[ \t]+[A-Z]\.)?[ \t]+[A-Z][A-Za-z'’\-]*[a-z]"
         rf"(?![A-Za-z])", r"\g<keep>\g<keep2>[NAME]"),
-    _rule("dicom_person_name", r"[A-Z]",
-        r"\b[A-Z][A-Za-z'\-]+\^[A-Z][A-Za-z'\-]*(?:\^[A-Za-z'\-]*){0,3}", "[NAME]"),
     _rule("institution", r"[A-Z]",
         rf"(?<![A-Za-z]){_IWORDS}[ \t]+{_FAC}(?:[ \t]+(?:(?i:and|&)[ \t]+)?{_FAC})*"
         rf"(?:[ \t]+(?i:of)[ \t]+(?:the[ \t]+)?{_IWORDS})?(?:,[ \t]*{_PLACE}){{0,3}}"
@@ -280,3 +282,59 @@ def deidentify_text(text: str, known: Iterable[str] = (), audit: collections.Cou
         text, n = pattern.subn("[REDACTED]", text)
         audit["known_identity"] += n
     return text
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9]+")
+
+
+class KnownIdentities:
+    """The identities an archive holds, found again in file paths and messages about files.
+
+    Paths name files the way exports do (``SMITH_JOHN_12345678/1.dcm``), where word-boundary
+    patterns do not apply (``_`` is a word character): values and names are matched as whole runs
+    of letters and digits, case-insensitively. IDs and other values count when their letters and
+    digits total four or more; person names (``FAMILY^GIVEN``) also by component of three letters
+    or more, as in :func:`deidentify_text`. Only the values are kept, never where they came from.
+    """
+
+    def __init__(self) -> None:
+        self._index: dict[str, set[tuple[str, ...]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._index.values())
+
+    def _add_tokens(self, tokens: tuple[str, ...]) -> None:
+        if tokens:
+            self._index.setdefault(tokens[0], set()).add(tokens)
+
+    def add(self, values: Iterable[str], names: Iterable[str] = ()) -> None:
+        """``values``: whole identifiers (IDs, accession numbers, addresses); ``names``: person names."""
+        for v in values:
+            tokens = tuple(t.lower() for t in _TOKEN.findall(v or ""))
+            if len("".join(tokens)) >= 4:
+                self._add_tokens(tokens)
+        for n in names:
+            self._add_tokens(tuple(t.lower() for t in _TOKEN.findall(n or "")) if len(n or "") >= 3 else ())
+            for piece in re.split(r"[\^\s,]+", n or ""):
+                if len(piece) >= 3 and not piece.isdigit():
+                    self._add_tokens(tuple(t.lower() for t in _TOKEN.findall(piece)))
+
+    def redact(self, text: str) -> str:
+        """``text`` with every known identity replaced by ``[REDACTED]``."""
+        if not self._index or not text:
+            return text
+        spans = [(m.start(), m.end(), m.group().lower()) for m in _TOKEN.finditer(text)]
+        out, last, i = [], 0, 0
+        while i < len(spans):
+            best = 0
+            for cand in self._index.get(spans[i][2], ()):
+                n = len(cand)
+                if n > best and tuple(s[2] for s in spans[i:i + n]) == cand:
+                    best = n
+            if best:
+                out += [text[last:spans[i][0]], "[REDACTED]"]
+                last = spans[i + best - 1][1]
+                i += best
+            else:
+                i += 1
+        return "".join(out) + text[last:]

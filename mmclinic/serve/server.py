@@ -478,7 +478,8 @@ class ModelServer:
         """The versions a path names: one for a version or label, all served ones for a bare model name."""
         state = self._state
         if name not in state.models:
-            raise HttpError(404, f"model {name!r} is not served here (served: {', '.join(sorted(state.models))})")
+            # The name is not echoed: a URL can carry anything (a path mistyped with a patient's name).
+            raise HttpError(404, f"this model is not served here (served: {', '.join(sorted(state.models))})")
         served = state.models[name]
         if label is not None:
             if label not in state.labels[name]:
@@ -691,11 +692,12 @@ def make_app(server: ModelServer, log: Any = None) -> Any:
             if not match:
                 raise HttpError(404, "no such endpoint; see /v1/models/NAME[/versions/V|/labels/L]"
                                      "[/metadata|:predict], /metrics and /healthz")
-            logged = path
             name, rest = match["name"], match["rest"] or ""
             model = name if name in server.models else "unknown"
+            logged = "/v1/models/(not served)" + rest  # an unknown name or label is not logged: URLs carry anything
             endpoint = _ENDPOINTS.get(rest, "other")
             versions = server.resolve(name, match["version"], match["label"])
+            logged = path
             if rest == "" and method == "GET":
                 payload = server.status(versions)
             elif rest == "/metadata" and method == "GET":
