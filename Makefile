@@ -39,6 +39,7 @@ test-fast: $(STAMP)
 reliability: $(STAMP)
 	$(VENV)/bin/python reliability/corpus.py
 	$(VENV)/bin/python reliability/fuzz.py
+	$(VENV)/bin/python reliability/canary_scan.py --full
 	$(VENV)/bin/python reliability/kill_trials.py
 
 lint: $(STAMP)

@@ -510,6 +510,34 @@ def _review_stage(run: PipelineRun, db: Path) -> None:
     run.stages.append("review_page")
 
 
+def _notebook_stage(run: PipelineRun, dataset: Path, models: Path, db: Path) -> None:
+    """The notebooks that read a run's outputs, executed against this work folder (papermill); their
+    executed copies, outputs included, are scanned with the rest."""
+    import papermill
+
+    t0 = time.monotonic()
+    out = run.work / "notebooks"
+    out.mkdir(exist_ok=True)
+    notebooks = {"04_embeddings.ipynb": {"DEMO_DIR": str(run.work)},
+                 "05_data.ipynb": {"DATASET": str(dataset)},
+                 "06_scoring.ipynb": {"MODEL_BASE": str(models), "DATASET": str(dataset), "SCORES_DB": str(db)}}
+    saved_env = dict(os.environ)
+    try:
+        os.environ.update(_env(run.work))
+        for name, params in notebooks.items():
+            try:
+                papermill.execute_notebook(str(REPO / "notebooks" / name), str(out / name), parameters=params,
+                                           cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False,
+                                           execution_timeout=600)
+            except Exception as exc:  # noqa: BLE001 - a cell's error may quote data: name the notebook only
+                raise StageFailed(f"notebook {name} failed ({type(exc).__name__}); see {out / name}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    run.seconds["notebooks"] = time.monotonic() - t0
+    run.stages.append("notebooks")
+
+
 def tesseract_available() -> bool:
     return shutil.which("tesseract") is not None
 
@@ -560,6 +588,8 @@ def run_pipeline(archive: Archive, work: str | Path, *, steps: int = 20, full: b
     _serve_stage(run, models, dataset, raw_text, archive)
     _cli(run, "compare", ["compare", str(work / "run"), "--out", str(work / "compare"),
                           *(["--data", str(dataset), "--boot", "50"] if full else [])])
+    if full:
+        _notebook_stage(run, dataset, models, db)
     return run
 
 

@@ -73,6 +73,27 @@ def test_scanner_reads_parquet_values_and_zip_members(tmp_path):
     assert summary.files == 2 and summary.names == 3 and len(summary.hits) >= 3
 
 
+def test_dicom_person_name_after_a_label_or_title_loses_both_parts():
+    """Leaks the scan found: a name rule stopping at the caret left the given name behind."""
+    from mmclinic.phi.text_deid import deidentify_text
+
+    for text in ("Name: Quzwykab^Vexqelab.", "Dr. Quzwykab^Vexqelab called.", "Patient: QUZWYKAB^VEXQELAB",
+                 "Signed by: Quzwykab^Vexqelab"):
+        out = deidentify_text(text)
+        assert "Vexqelab" not in out.title() and "Quzwykab" not in out.title() and "[NAME]" in out, out
+
+
+def test_known_identities_leave_file_paths_and_messages():
+    from mmclinic.phi.text_deid import KnownIdentities
+
+    known = KnownIdentities()
+    known.add(["MRN7QAB001Z9K", "ACC-77-1042", "1"], ["QUZWYKAB^VEXQELAB"])
+    path = "dicom/QUZWYKAB_VEXQELAB_MRN7QAB001Z9K/acc_77_1042/i1.dcm: tag SOPInstanceUID repeats (Quzwykab)"
+    assert known.redact(path) == "dicom/[REDACTED]_[REDACTED]/[REDACTED]/i1.dcm: tag SOPInstanceUID repeats ([REDACTED])"
+    assert known.redact("dicom/s00001/i1.dcm") == "dicom/s00001/i1.dcm"  # short values and other words stay
+    assert known.redact("QuzwykabJohn.dcm") == "QuzwykabJohn.dcm"  # inside a longer run: not matched
+
+
 def test_negative_control_the_raw_archive_holds_every_canary_kind(archive):
     """The scan that finds nothing in the artifacts finds every planted kind in the source."""
     scanner = CanaryScanner(archive.canaries)
