@@ -34,7 +34,8 @@ class DataConfig:
     augment: bool = True
     hflip: bool = False
     """Must stay false: a horizontal flip swaps the patient's left and right, which the reports, their
-    laterality negatives and mismatch negatives name (a config error explains why)."""
+    laterality negatives and mismatch negatives name, and mirrors anatomy that is not symmetric (a
+    config error explains why; swapping side words would not repair the latter)."""
     deterministic: bool = False
 
 
@@ -429,7 +430,11 @@ def _validate(obj: Any, prefix: str) -> None:
                           "left and right while the report, its laterality-swap negative, the other mismatch "
                           "negatives (a negated 'left effusion' becomes true of the flipped image) and the "
                           "same-report targets keep the original sides; the model would learn that sides do "
-                          "not matter. Remove the key (flips are not offered).")
+                          "not matter. Swapping the side words with the image would not make it safe: anatomy "
+                          "is not mirror-symmetric (a flipped chest film shows the heart, aortic arch and "
+                          "gastric bubble on the right, i.e. dextrocardia or situs inversus, which its report "
+                          "does not state), and side markers burned into the pixels read backwards. Remove "
+                          "the key (flips are not offered).")
     if isinstance(obj, ModelConfig) and (obj.text_tower == "bert_preset") != (obj.text_preset is not None):
         raise ConfigError(f"config key '{prefix}.text_preset' names the checkpoint folder of text_tower "
                           f"'bert_preset' and only of it (text_tower is {obj.text_tower!r})")

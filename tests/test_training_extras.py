@@ -50,7 +50,7 @@ def test_locked_image_cache_with_augmentation_is_refused_naming_the_keys():
         config_from_dict({"train": {"aux_labels": ["sex:1"]}})
     with pytest.raises(ConfigError, match="train.max_logit_scale"):
         config_from_dict({"train": {"max_logit_scale": -1.0}})
-    with pytest.raises(ConfigError, match="data.hflip"):
+    with pytest.raises(ConfigError, match=r"data.hflip.*dextrocardia"):
         config_from_dict({"data": {"hflip": True}})
 
 
