@@ -270,3 +270,57 @@ def test_retrain_from_a_run_with_decisions(dataset, trained_run, tmp_path):
         assert tf.reduce_all(tf.equal(b["neg_reviewed_ids"][ok], b["token_ids"][ok]))
     assert sorted(marked) == train_ids[:3]
     assert json.dumps(rc)  # run.json stays plain JSON
+
+
+@pytest.mark.slow
+def test_masks_over_gathered_replicas_equal_one_device():
+    """With two replicas gathering embeddings, text keys, normalised keys and the decisions, the
+    masked losses are those of one device on the whole batch (the CPU split in two)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json
+        import numpy as np
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from mmclinic.training import losses
+
+        rng = np.random.default_rng(0)
+        n = 8
+        img = rng.normal(size=(n, 6)).astype("float32")
+        txt = rng.normal(size=(n, 6)).astype("float32")
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        key = np.array([1, 2, 3, 4, 5, 6, 7, 1], "int64")   # 0 and 7: the same report
+        norm = np.array([1, 2, 3, 4, 5, 3, 7, 1], "int64")  # 2 and 5: the same after normalisation
+        valid = np.array([1, 1, 1, 0, 1, 1, 1, 1], "int64")  # 3 (replica 0) and 6 (replica 1): confirmed
+        valid[6] = 0
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+        def both(i, t, k, m, v):
+            pos, ign = losses.contrastive_masks(k, m, v)
+            return (losses.masked_clip_loss(i, t, np.log(10.0), pos, ign),
+                    losses.masked_sigmoid_loss(i, t, np.log(10.0), -2.0, pos, ign))
+
+        def replica_fn(b):
+            return both(*losses.gather_replicas(b["img"], b["txt"], b["key"], b["norm"], b["valid"]))
+
+        ds = tf.data.Dataset.from_tensor_slices({"img": img, "txt": txt, "key": key, "norm": norm,
+                                                 "valid": valid}).batch(n)
+        batch = next(iter(strategy.experimental_distribute_dataset(ds)))
+        clip_r, sig_r = strategy.run(tf.function(replica_fn), args=(batch,))
+        local = strategy.experimental_local_results
+        one = both(img, txt, key, norm, valid)
+        print("RESULT", json.dumps({"clip": [float(x) for x in local(clip_r)], "sig": [float(x) for x in local(sig_r)],
+                                     "clip1": float(one[0]), "sig1": float(one[1])}))
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    for kind in ("clip", "sig"):
+        assert all(v == pytest.approx(res[f"{kind}1"], rel=1e-5) for v in res[kind]), res
