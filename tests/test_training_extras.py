@@ -165,6 +165,7 @@ def _batch(dataset, cfg, tok, step):
     return negatives, next(iter(ds))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_cached_locked_features_give_the_loss_of_the_uncached_tower(dataset, tmp_path, tower):
     """The same batch, the same weights: the step reading the locked tower's cached features and the
@@ -192,8 +193,6 @@ def test_cached_locked_features_give_the_loss_of_the_uncached_tower(dataset, tmp
     assert set(a) == set(b)
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
-    out = cached(next(iter(cached.distribute(_single(batch)))))
-    assert np.isfinite(float(out["loss"]))
 
 
 def test_changed_key_never_reuses_a_cache(dataset, tmp_path):
@@ -221,6 +220,7 @@ def test_changed_key_never_reuses_a_cache(dataset, tmp_path):
     np.testing.assert_allclose(fresh.features, moved.features, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_step_adds_image_image_text_text_and_aux_terms(dataset):
     """One step with every extra term: each is logged, finite, and the total is their weighted sum;
     the heads' variables train; the cap is the configured one."""
@@ -236,7 +236,7 @@ def test_step_adds_image_image_text_text_and_aux_terms(dataset):
         <= set(batch)
     assert not np.array_equal(batch["image"].numpy(), batch["image_view2"].numpy())
     before = [h.numpy().copy() for h in heads]
-    out = {k: float(v) for k, v in step(next(iter(step.distribute(_single(batch))))).items()}
+    out = {k: float(v) for k, v in _eager_step(step, batch).items()}
     for k in ("image_image", "text_text", "aux_view", "aux_labels_findings"):
         assert np.isfinite(out[k]) and out[k] > 0, (k, out)
     want = (out["contrastive"] + cfg.train.match_weight * out["match"] + 0.5 * out["image_image"]
@@ -246,10 +246,9 @@ def test_step_adds_image_image_text_text_and_aux_terms(dataset):
     assert float(step.model.logit_scale.numpy()) <= 2.0 + 1e-6
 
 
-def _single(batch):
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_tensors(batch)
+def _eager_step(step, batch):
+    """The distributed step run eagerly (no tracing: seconds, not tens of seconds, for one step)."""
+    return step.distributed.python_function(batch)
 
 
 def test_dual_checkpoint_scale_above_100_survives_a_step(dataset, tmp_path):
@@ -272,10 +271,11 @@ def test_dual_checkpoint_scale_above_100_survives_a_step(dataset, tmp_path):
     step = TrainStep.build(cfg, len(tok.vocab), tf.distribute.get_strategy())
     assert step.logit_scale_cap == pytest.approx(math.log(150.0), rel=1e-6)
     _, batch = _batch(dataset, cfg, tok, step)
-    step(next(iter(step.distribute(_single(batch)))))
+    _eager_step(step, batch)
     assert float(step.model.logit_scale.numpy()) > math.log(100.0) + 0.3
 
 
+@pytest.mark.slow
 def test_run_records_the_cap_and_reuses_its_locked_cache_when_resumed(dataset, tmp_path):
     """A run with a locked, cached text tower and auxiliary heads: the cache is computed once and
     reused by the resumed run (its key and the cap in run.json), the heads are checkpointed."""
@@ -283,15 +283,15 @@ def test_run_records_the_cap_and_reuses_its_locked_cache_when_resumed(dataset, t
 
     from mmclinic.training.loop import train
 
-    cfg = load_config(TINY, ["train.steps=2", "train.locked_tower=text", 'train.aux_labels=["view:0.5"]',
+    cfg = load_config(TINY, ["train.steps=3", "train.locked_tower=text", 'train.aux_labels=["view:0.5"]',
                              "train.eval_every=100", "train.checkpoint_every=1", "train.log_every=1"])
     run = tmp_path / "run"
-    first = train(cfg, dataset, run, quiet=True, stop_after=1)
+    first = train(cfg, dataset, run, quiet=True, stop_after=1)  # never complete: no validation or registration
     info = json.loads((run / "run.json").read_text())
     assert first.step == 1 and info["logit_scale_cap"] == pytest.approx(math.log(100.0))
     assert info["locked_cache"]["role"] == "text" and not info["locked_cache"]["reused"]
     assert (run / "embedding_cache").is_dir()
-    second = train(cfg, dataset, run, quiet=True)
+    second = train(cfg, dataset, run, quiet=True, stop_after=2)
     again = json.loads((run / "run.json").read_text())
     assert second.step == 2 and again["locked_cache"]["reused"]
     assert again["locked_cache"]["key"] == info["locked_cache"]["key"]
