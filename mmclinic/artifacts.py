@@ -45,8 +45,14 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, replacing the file in one step (a reader never sees half)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it over ``path``: a process killed while writing leaves
+    the previous file (or none), never half of the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -263,7 +269,7 @@ class RunDir:
     def write_config(self, config: ExperimentConfig) -> None:
         """Write the resolved config (headed by its hash); creates the folder."""
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(f"# resolved config, hash {config.hash()}\n" + config.to_yaml())
+        _write_text(self.config_path, f"# resolved config, hash {config.hash()}\n" + config.to_yaml())
 
     # ----- run.json
 
@@ -333,7 +339,7 @@ class RunDir:
 
     def set_mlflow_run_id(self, run_id: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.mlflow_run_id_path.write_text(run_id + "\n")
+        _write_text(self.mlflow_run_id_path, run_id + "\n")
 
     # ----- evaluation and vetting
 
@@ -344,11 +350,11 @@ class RunDir:
         dest.mkdir(parents=True, exist_ok=True)
         copy = dest / "REPORT.json"
         if Path(report).resolve() != copy.resolve():
-            shutil.copyfile(report, copy)
-        (self.eval_dir / "latest.json").write_text(json.dumps({
+            _write_text(copy, Path(report).read_text(encoding="utf-8"))
+        _write_json(self.eval_dir / "latest.json", {
             "split": split, "report": f"{split}/REPORT.json", "written_to": str(Path(report).resolve()),
             "data": str(Path(data).resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2) + "\n")
+        })
         return copy
 
     def latest_evaluation(self) -> tuple[dict[str, Any] | None, str | None]:
@@ -368,7 +374,7 @@ class RunDir:
 
     def write_vetting(self, result: dict[str, Any]) -> None:
         """``vetting.json``: the export checks and validation figures."""
-        self.vetting_path.write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(self.vetting_path, result)
 
 
 # --------------------------------------------------------------------------- exported models

@@ -113,6 +113,15 @@ class MlflowRun:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
+    def record(self) -> Any:
+        """The MLflow run as the store has it now (``info.status``, ``data.params``, ``data.tags``)."""
+        return self.client.get_run(self.run_id)
+
+    def registered_version(self, registered_name: str) -> str | None:
+        """The version of ``registered_name`` this run registered, or None."""
+        versions = self.client.search_model_versions(f"name = '{registered_name}' and run_id = '{self.run_id}'")
+        return str(max(int(v.version) for v in versions)) if versions else None
+
     def log_dataset(self, folder: Path, name: str, digest: str, context: str = "train") -> None:
         """Dataset lineage: the dataset folder (by path, name and manifest digest) as a run input."""
         from mlflow.data.meta_dataset import MetaDataset
@@ -132,12 +141,14 @@ class MlflowRun:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri())
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.tensorflow.log_model(model, name="model", pip_requirements=list(pip_requirements))
-            version = mlflow.register_model(info.model_uri, registered_name)
+        number = self.registered_version(registered_name)  # registered before the process was killed
+        if number is None:
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.tensorflow.log_model(model, name="model", pip_requirements=list(pip_requirements))
+                number = str(mlflow.register_model(info.model_uri, registered_name).version)
         for k, v in GUARD.check_mapping(dict(tags or {}), "mlflow model version tags").items():
-            self.client.set_model_version_tag(registered_name, version.version, k, str(v))
-        return str(version.version)
+            self.client.set_model_version_tag(registered_name, number, k, str(v))
+        return number
 
 
 class NullRun:

@@ -10,6 +10,7 @@ a model is scored the same way before and after export; the inference engines ar
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -455,7 +456,9 @@ def evaluate(target: str | Path, data: str | Path, split: str = "test", out: str
             "failure_cases_html": rel(paths["failure_html"]),
             "figures": sorted(rel(p) for p in written if p.parent == paths["figures"]),
             "thumbnails": sum(p.parent == paths["thumbnails"] for p in written)}
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed over REPORT.json once complete: a killed
+        tmp.write_text(json.dumps(report, indent=2) + "\n")  # evaluate leaves the old report or none
+        os.replace(tmp, out)
         if run is not None:
             run.record_evaluation(out, split, dataset.path)
     if run is not None and run.mlflow_run_id() is not None:

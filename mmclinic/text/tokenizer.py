@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def learn_vocabulary(texts: Iterable[str], size: int) -> list[str]:
 
 
 def save_vocabulary(vocab: list[str], path: str | Path) -> None:
-    Path(path).write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    """Write the vocabulary beside ``path``, then rename it over ``path``: a run killed while writing never
+    leaves a truncated vocabulary for its resume to train on."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_vocabulary(path: str | Path) -> list[str]:

@@ -29,6 +29,9 @@ from mmclinic.errors import MmclinicError, UsageError
 if TYPE_CHECKING:
     from mmclinic.training.step import TrainStep
 
+START_LOGGED = "mmclinic.start_logged"
+"""MLflow run tag set once a run's parameters, dataset and files are logged."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -63,8 +66,9 @@ def _prepare_workdir(config: ExperimentConfig, workdir: Path, data: Path, versio
             raise UsageError(f"--workdir {workdir} was trained on dataset version {run_info['dataset_version']}, "
                              f"--data {data} is version {version}; refusing to resume")
         return True
-    run.write_config(config)
+    # run.json first: config.yaml is what makes the folder a run to resume, so it is written last.
     run.write_info({"data": str(data.resolve()), "dataset_version": version, "config_hash": config.hash(), "step": 0})
+    run.write_config(config)
     return False
 
 
@@ -424,8 +428,10 @@ class _Lineage:
         else:
             self.mlrun = NullRun()
         self.manifest_sha = file_sha256(DatasetDir(data).manifest_path)
-        if setup.chief and not setup.resuming:
+        # A run killed before its start was logged logs it when resumed.
+        if setup.chief and (not setup.resuming or not self.mlrun.record().data.tags.get(START_LOGGED)):
             self._log_start(step, manifest, vocab, negatives)
+            self.mlrun.set_tags({START_LOGGED: "true"})
         self.scalars = Scalars(RunDir(workdir).tensorboard_dir if setup.chief else None)
 
     def _log_start(self, step: TrainStep, manifest, vocab: list[str], negatives) -> None:
@@ -612,7 +618,10 @@ def _run(setup: RunSetup, step: TrainStep, batches: Iterator, *, checkpoints: _C
                 if val_metrics and show:
                     say("  validation: " + "  ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()))
         done = checkpoints.step
-        complete = done >= tc.steps and (start < tc.steps or (tc.steps == 0 and not setup.resuming))
+        # Complete: registered now unless an earlier call finished the run (one killed after its last
+        # checkpoint but before registering and ending its MLflow run is finished now).
+        finished = setup.resuming and start >= tc.steps and chief and mlrun.record().info.status == "FINISHED"
+        complete = done >= tc.steps and not finished
         if chief and complete:
             validation.write_projector(workdir)
             registered = lineage.register(model, done)
