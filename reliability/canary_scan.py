@@ -68,9 +68,6 @@ from mmclinic.phi.scan import Canary, CanaryScanner, ScanSummary  # noqa: E402
 KEY_HEX = "6d6d636c696e69632d63616e6172792d6b6579" + "00" * 13
 """A fixed de-identification key: the pseudonyms and date shifts, hence the collision check below, repeat."""
 
-SOURCE_ONLY_KINDS = {"file_name"}
-"""Canary kinds planted only in file and folder names."""
-
 
 @dataclasses.dataclass
 class Archive:
@@ -429,7 +426,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _serve_stage(run: PipelineRun, models: Path, dataset: Path, raw_text: str, archive: Archive) -> None:
+def _serve_stage(run: PipelineRun, models: Path, dataset: Path, raw_text: str) -> None:
     """``mmclinic serve`` on a free port: status, metadata, predictions (one with raw canary text), a malformed
     body and an unknown model name carrying canaries; every response body is kept for the scan."""
     import base64
@@ -585,7 +582,7 @@ def run_pipeline(archive: Archive, work: str | Path, *, steps: int = 20, full: b
     _review_stage(run, db)
     with open(archive.pairs_csv, newline="", encoding="utf-8") as fh:
         raw_text = next(csv.DictReader(fh))["report_text"]
-    _serve_stage(run, models, dataset, raw_text, archive)
+    _serve_stage(run, models, dataset, raw_text)
     _cli(run, "compare", ["compare", str(work / "run"), "--out", str(work / "compare"),
                           *(["--data", str(dataset), "--boot", "50"] if full else [])])
     if full:
