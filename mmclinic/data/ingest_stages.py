@@ -19,7 +19,9 @@ identifying original text and the identities gathered for it are dropped as soon
 de-identified; per-image metadata goes into one table before the splits. Stages that hand
 memory on say so: :func:`build_reports` empties the identities of its :class:`Pairing` and
 the text of its reports, :func:`build_manifest` empties ``Pairing.pairs`` and
-:func:`assign_splits` empties the rows of its :class:`ManifestRows`.
+:func:`assign_splits` empties the rows of its :class:`ManifestRows`. Only ``Pairing.known`` (the
+identity values themselves, as tokens) lives until the quarantine list is written: refused files are
+named by their paths, and exports name folders and files after the patient.
 """
 
 from __future__ import annotations
