@@ -87,7 +87,8 @@ def test_known_identities_leave_file_paths_and_messages():
     from mmclinic.phi.text_deid import KnownIdentities
 
     known = KnownIdentities()
-    known.add(["MRN7QAB001Z9K", "ACC-77-1042", "1"], ["QUZWYKAB^VEXQELAB"])
+    known.add(["MRN7QAB001Z9K", "ACC-77-1042", "1", "3001", "88123456"], ["QUZWYKAB^VEXQELAB"])
+    assert known.redact("scans/88123456/IM-0001-3001.dcm") == "scans/[REDACTED]/IM-0001-3001.dcm"
     path = "dicom/QUZWYKAB_VEXQELAB_MRN7QAB001Z9K/acc_77_1042/i1.dcm: tag SOPInstanceUID repeats (Quzwykab)"
     assert known.redact(path) == "dicom/[REDACTED]_[REDACTED]/[REDACTED]/i1.dcm: tag SOPInstanceUID repeats ([REDACTED])"
     assert known.redact("dicom/s00001/i1.dcm") == "dicom/s00001/i1.dcm"  # short values and other words stay

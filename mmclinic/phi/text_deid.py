@@ -293,7 +293,7 @@ class KnownIdentities:
     Paths name files the way exports do (``SMITH_JOHN_12345678/1.dcm``), where word-boundary
     patterns do not apply (``_`` is a word character): values and names are matched as whole runs
     of letters and digits, case-insensitively. IDs and other values count when their letters and
-    digits total four or more; person names (``FAMILY^GIVEN``) also by component of three letters
+    digits total four or more (six or more when only digits); person names (``FAMILY^GIVEN``) also by component of three letters
     or more, as in :func:`deidentify_text`. Only the values are kept, never where they came from.
     """
 
@@ -311,7 +311,8 @@ class KnownIdentities:
         """``values``: whole identifiers (IDs, accession numbers, addresses); ``names``: person names."""
         for v in values:
             tokens = tuple(t.lower() for t in _TOKEN.findall(v or ""))
-            if len("".join(tokens)) >= 4:
+            joined = "".join(tokens)
+            if len(joined) >= (6 if joined.isdigit() else 4):  # short numbers are also counters, sizes, lines
                 self._add_tokens(tokens)
         for n in names:
             self._add_tokens(tuple(t.lower() for t in _TOKEN.findall(n or "")) if len(n or "") >= 3 else ())
