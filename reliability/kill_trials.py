@@ -121,9 +121,16 @@ class Bench:
             raise CheckFailed(f"{what}: `mmclinic {' '.join(args)}` exited {rc}:\n{out}")
         return seconds
 
-    def start(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen([str(MMCLINIC), *args], cwd=self.root, env=self.env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    def start(self, args: list[str], env: dict[str, str] | None = None, output: Path | None = None) -> subprocess.Popen:
+        """Start ``mmclinic ARGS`` in its own process group (``env``: variables to change; ``output``: a file
+        for its stdout and stderr, else they are dropped)."""
+        out = open(output, "wb") if output is not None else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+        try:
+            return subprocess.Popen([str(MMCLINIC), *args], cwd=self.root, env={**self.env, **(env or {})},
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if output is not None:
+                out.close()
 
     def kill(self, proc: subprocess.Popen, at: float, when: Callable[[], bool] | None = None,
              limit: float = 600) -> tuple[bool, int]:
