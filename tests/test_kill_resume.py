@@ -93,3 +93,35 @@ def test_killed_rescore_keeps_rows_and_decisions(bench, exported_model, dataset)
     outcome = kt.trial_score(bench, exported_model.path, dataset, reference_db, at, "scores-killed", rescore=True)
     assert outcome.ok, outcome.detail
     assert outcome.orphans == 0
+
+
+def test_ingest_stopped_while_swapping_keeps_the_previous_dataset_whole(tmp_path, monkeypatch):
+    """The moment a clock rarely hits: the new dataset is complete and the previous one is moved aside.
+    Stopped there, the previous dataset is whole (as DATASET.old) and the next run puts things right."""
+    from pathlib import Path
+
+    from mmclinic.data.ingest import IngestOptions, ingest
+    from mmclinic.data.synth import synthesize
+
+    src, key = tmp_path / "src", tmp_path / "key.hex"
+    synthesize(src, patients=6, seed=3, size=64)
+    key.write_text(kt.KEY_HEX + "\n")
+    out = tmp_path / "ds"
+    ingest(src, out, "dicom", key, IngestOptions(max_side=64, workers=1))
+    before = kt.read_dataset(out)
+    real_rename = Path.rename
+
+    def stop_at_the_swap(self, target):
+        if self.name == "ds.partial":
+            raise KeyboardInterrupt  # stands in for the kill: nothing after this line runs
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", stop_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(src, out, "dicom", key, IngestOptions(max_side=64, workers=1))
+    monkeypatch.undo()
+    assert not out.exists()
+    kt.check_dataset(out.with_name("ds.old"), kt.image_inputs(src), before, final=False)
+    ingest(src, out, "dicom", key, IngestOptions(max_side=64, workers=1))
+    kt.check_dataset(out, kt.image_inputs(src), before)
+    assert not out.with_name("ds.old").exists()
