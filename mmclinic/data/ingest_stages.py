@@ -221,6 +221,7 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
     known = KnownIdentities()
     for row in scan.reports.values():
         known.add(row.identities)
+    known.add(job.patient_id for job in scan.images)  # mimic-cxr's pXXXXXXXX folders, a CSV's patient column
     for job, res in in_input_order(scan.images, results):
         pixel_text.update(res.get("pixel_text") or {})
         if not res["ok"]:
