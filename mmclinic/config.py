@@ -288,7 +288,7 @@ class ExperimentConfig:
 
 HASH_OMITTED_AT_DEFAULT = ("train.locked_tower", "train.cache_locked", "train.embedding_cache_dir",
                            "train.image_image_weight", "train.text_text_weight", "train.aux_labels",
-                           "train.max_logit_scale")
+                           "train.max_logit_scale", "export.tflite")
 """Keys added after experiments were recorded: left out of :meth:`ExperimentConfig.hash` at their default."""
 
 
