@@ -50,7 +50,12 @@ def test_routes(queue_db):
     assert "John Smith" not in item["report_text"] and "Heart size normal" in item["report_text"]
     full = client.get(f"/image/{q['items'][0]['id']}")
     narrow = client.get(f"/image/{q['items'][0]['id']}?low=0.4&high=0.6")
-    assert full.headers["content-type"] == "image/png" and full.content != narrow.content
+    from mmclinic.phi import pixel_text
+
+    if pixel_text.tesseract_version() is None:  # a user's image is never shown unredacted
+        assert full.status_code >= 400 and "tesseract-ocr" in full.text
+    else:
+        assert full.headers["content-type"] == "image/png" and full.content != narrow.content
     assert client.get("/image/999").status_code == 404
     bad = client.post("/api/decide", json={"pair_id": "p0", "status": "maybe", "reviewer": "ana"})
     assert bad.status_code == 400 and "maybe" in bad.json()["error"]

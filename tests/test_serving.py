@@ -289,8 +289,11 @@ def test_more_bad_input_keeps_the_server_up(server, dataset):
 
 @pytest.fixture()
 def hot_base(exported_model, tmp_path):
+    """The exported model without its labels (export labels a model's first version ``canary``,
+    which would keep it served beside every later version)."""
     base = tmp_path / "models"
     shutil.copytree(exported_model.path.parent, base / "tiny")
+    (base / "tiny" / "version_labels.json").unlink(missing_ok=True)
     return base
 
 

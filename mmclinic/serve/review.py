@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mmclinic.data import review_queue as rq
+from mmclinic.errors import MmclinicError
 
 __all__ = ["create_app", "serve_review", "item_image", "item_text"]
 
@@ -69,11 +70,15 @@ def item_image(row: dict[str, Any]) -> bytes | Any:
         # A user's image was never through ingest: its pixels may carry names and IDs. It is shown
         # only with text found by OCR blacked out, and not at all without the OCR engine.
         if pixel_text.tesseract_version() is None:
-            raise KeyError("an image from a user CSV is shown only with burned-in text redacted: "
-                           "install tesseract-ocr")
+            raise ImageWithheld("an image from a user CSV is shown only with the text found in its pixels "
+                                "blacked out, and the OCR engine is not installed: apt-get install tesseract-ocr")
         pixels = read_image(path, decode_timeout=DEFAULT_DECODE_TIMEOUT).pixels
         return pixel_text.redact_text(pixels)[0]
     raise KeyError(row.get("origin"))
+
+
+class ImageWithheld(MmclinicError):
+    """An image the page will not show as it is (a user's image without the OCR redaction)."""
 
 
 def item_text(row: dict[str, Any]) -> str:
@@ -187,7 +192,6 @@ def create_app(db: Any, reviewer: str = ""):
     from starlette.routing import Route
 
     from mmclinic.display import display_image, png_bytes
-    from mmclinic.errors import MmclinicError
 
     engine = rq.engine_for(db)
     rq.ensure_schema(engine)
@@ -232,6 +236,8 @@ def create_app(db: Any, reviewer: str = ""):
         window = None if (low, high) == (0.0, 1.0) else (low, high)
         try:
             pic = display_image(item_image(row), window, max_side=1024)
+        except ImageWithheld as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
         except (KeyError, OSError, MmclinicError):
             return JSONResponse({"error": "the image is not available: its source moved or changed"},
                                 status_code=404)
