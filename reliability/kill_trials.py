@@ -20,7 +20,8 @@ the kill left behind, runs the very same command again and checks the result:
   absent, no row is repeated or lost, and the decisions are kept.
 
 Kill times are spread over each command's duration, measured first by an uninterrupted run
-(stratified: trial i of n draws from the i-th n-th of the window). The script prints a summary table
+(stratified: trial i of n draws from the i-th n-th of the window); two training runs are killed at
+events a clock rarely hits instead (``run.json`` written; the last step checkpointed). The script prints a summary table
 (stage, trials, kill times, outcomes) and exits 1 when any check failed.
 
 Usage: ``python reliability/kill_trials.py [--seed N] [--workdir DIR] [--keep]
