@@ -95,25 +95,33 @@ REVIEWED_KIND = "reviewed"
 is off unless listed (the default list holds :data:`MISMATCH_KINDS`)."""
 
 
-def parse_mismatch_kinds(items: typing.Sequence[str], key: str = "train.mismatch_kinds") -> dict[str, float]:
-    """``("negation:1", "finding_swap:0.5")`` -> ``{"negation": 1.0, "finding_swap": 0.5}`` (weight 0 dropped)."""
+def _weighted(items: typing.Sequence[str], key: str, noun: str, known: typing.Callable[[str], bool],
+              allowed: str) -> dict[str, float]:
+    """``NAME[:WEIGHT]`` items (weight 1 when omitted) -> ``{name: weight}`` with weight 0 dropped;
+    an unknown name, a weight that is not a finite number >= 0 or a name given twice is a
+    ConfigError naming ``key``."""
     out: dict[str, float] = {}
     for item in items:
-        kind, sep, raw = str(item).partition(":")
-        kind = kind.strip()
-        if kind not in (*MISMATCH_KINDS, REVIEWED_KIND):
-            raise ConfigError(f"config key '{key}': unknown kind {kind!r} (allowed: "
-                              f"{', '.join((*MISMATCH_KINDS, REVIEWED_KIND))})")
+        name, sep, raw = str(item).rpartition(":") if ":" in str(item) else (str(item), "", "")
+        name = name.strip()
+        if not known(name):
+            raise ConfigError(f"config key '{key}': unknown {noun} {name!r} (allowed: {allowed})")
         try:
             weight = float(raw) if sep else 1.0
         except ValueError:
             weight = float("nan")
         if not weight >= 0 or weight == float("inf"):
-            raise ConfigError(f"config key '{key}': weight of {kind!r} must be a number >= 0, got {raw!r}")
-        if kind in out:
-            raise ConfigError(f"config key '{key}': kind {kind!r} given twice")
-        out[kind] = weight
+            raise ConfigError(f"config key '{key}': weight of {name!r} must be a number >= 0, got {raw!r}")
+        if name in out:
+            raise ConfigError(f"config key '{key}': {noun} {name!r} given twice")
+        out[name] = weight
     return {k: w for k, w in out.items() if w > 0}
+
+
+def parse_mismatch_kinds(items: typing.Sequence[str], key: str = "train.mismatch_kinds") -> dict[str, float]:
+    """``("negation:1", "finding_swap:0.5")`` -> ``{"negation": 1.0, "finding_swap": 0.5}`` (weight 0 dropped)."""
+    kinds = (*MISMATCH_KINDS, REVIEWED_KIND)
+    return _weighted(items, key, "kind", lambda k: k in kinds, ", ".join(kinds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,23 +480,9 @@ key of the manifest's ``labels`` objects."""
 
 def parse_aux_labels(items: typing.Sequence[str], key: str = "train.aux_labels") -> dict[str, float]:
     """``("modality:0.2", "labels.plane:0.1")`` -> ``{"modality": 0.2, "labels.plane": 0.1}`` (weight 0 dropped)."""
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, raw = str(item).rpartition(":") if ":" in str(item) else (str(item), "", "")
-        name = name.strip()
-        if name not in AUX_LABEL_COLUMNS and not (name.startswith("labels.") and len(name) > len("labels.")):
-            raise ConfigError(f"config key '{key}': unknown label {name!r} (allowed: "
-                              f"{', '.join(AUX_LABEL_COLUMNS)} or labels.KEY, a key of the manifest's labels)")
-        try:
-            weight = float(raw) if sep else 1.0
-        except ValueError:
-            weight = float("nan")
-        if not weight >= 0 or weight == float("inf"):
-            raise ConfigError(f"config key '{key}': weight of {name!r} must be a number >= 0, got {raw!r}")
-        if name in out:
-            raise ConfigError(f"config key '{key}': label {name!r} given twice")
-        out[name] = weight
-    return {k: w for k, w in out.items() if w > 0}
+    return _weighted(items, key, "label",
+                     lambda n: n in AUX_LABEL_COLUMNS or (n.startswith("labels.") and len(n) > len("labels.")),
+                     f"{', '.join(AUX_LABEL_COLUMNS)} or labels.KEY, a key of the manifest's labels")
 
 
 def _validate_training_extras(t: TrainConfig, prefix: str) -> None:
