@@ -50,6 +50,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from mmclinic.data.ingest_stages import previous_dataset_path  # noqa: E402
+
 MMCLINIC = REPO / ".venv" / "bin" / "mmclinic"
 TINY = REPO / "experiments" / "tiny.yaml"
 KEY_HEX = "6d6d636c696e69632d6b696c6c2d6b6579" * 2
@@ -250,19 +252,20 @@ def check_dataset(path: Path, inputs: int, reference: dict[str, Any] | None, fin
 
 
 def trial_ingest(bench: Bench, source: Path, reference: Path, kill_at: float, name: str,
-                 prior: bool) -> Outcome:
-    """Kill an ingest (over a previous dataset when ``prior``), check, re-run, check."""
+                 prior: bool, when: Callable[[Path], Callable[[], bool]] | None = None) -> Outcome:
+    """Kill an ingest (over a previous dataset when ``prior``) ``kill_at`` seconds after its start (or
+    after ``when(out)()`` holds), check, re-run, check."""
     out = bench.root / name
     shutil.rmtree(out, ignore_errors=True)
     if prior:
         shutil.copytree(reference, out)
     args = ingest_args(source, out, bench.key)
     result = Outcome("ingest", kill_at)
-    result.killed, result.orphans = bench.kill(bench.start(args), kill_at)
+    result.killed, result.orphans = bench.kill(bench.start(args), kill_at, when(out) if when else None)
     try:
         inputs = image_inputs(source)
         ref = read_dataset(reference)
-        old = out.with_name(out.name + ".old")  # where ingest moves the previous dataset while it swaps
+        old = previous_dataset_path(out)  # where ingest moves the previous dataset while it swaps
         if out.exists():  # what a reader finds right after the kill: the previous dataset, or a complete new one
             check_dataset(out, inputs, ref, final=False)
         elif prior:

@@ -93,6 +93,12 @@ def test_known_identities_leave_file_paths_and_messages():
     assert known.redact(path) == "dicom/[REDACTED]_[REDACTED]/[REDACTED]/i1.dcm: tag SOPInstanceUID repeats ([REDACTED])"
     assert known.redact("dicom/s00001/i1.dcm") == "dicom/s00001/i1.dcm"  # short values and other words stay
     assert known.redact("QuzwykabJohn.dcm") == "QuzwykabJohn.dcm"  # inside a longer run: not matched
+    # Names and IDs as exports also spell them: run together, without punctuation, in any script,
+    # an ID's digits alone; placeholders are no identities.
+    known.add(["MRN-004512", "UNKNOWN"], ["Иванов^Иван", "O'BRIEN^SEAN", "ANONYMOUS"])
+    assert known.redact("QuzwykabVexqelab/MRN004512/1.dcm") == "[REDACTED]/[REDACTED]/1.dcm"
+    assert known.redact("p/004512/Иванов_Иван/OBrien.dcm") == "p/[REDACTED]/[REDACTED]/[REDACTED].dcm"
+    assert known.redact("unknown transfer syntax in anonymous/1.dcm") == "unknown transfer syntax in anonymous/1.dcm"
 
 
 def test_negative_control_the_raw_archive_holds_every_canary_kind(archive):

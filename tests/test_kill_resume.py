@@ -31,9 +31,11 @@ def test_killed_ingest_reruns_to_the_uninterrupted_dataset(bench):
 
     reference = bench.root / "dataset"  # the uninterrupted run, through the function the command calls
     ingest(src, reference, "dicom", bench.key, IngestOptions(max_side=64, workers=2))
-    # Over a previous dataset, killed while it decodes, writes or swaps (the command takes ~8 s here).
-    at = random.Random(5).uniform(3, 7)
-    outcome = kt.trial_ingest(bench, src, reference, at, "ingest-killed", prior=True)
+    # Over a previous dataset, killed while it decodes: once its scratch folder holds a decoded image
+    # (an event, not a clock: a fast machine would finish a clock's interval first).
+    at = random.Random(5).uniform(0.0, 0.3)
+    outcome = kt.trial_ingest(bench, src, reference, at, "ingest-killed", prior=True,
+                              when=lambda out: lambda: any(out.with_name(out.name + ".partial").glob("decoded/*")))
     assert outcome.ok, outcome.detail
     assert outcome.killed and outcome.orphans == 0
 
@@ -73,7 +75,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(bench, dataset):
             pytest.fail(f"the uninterrupted run failed:\n{log.read_text()[-3000:]}")
 
     run = bench.root / "run-killed"
-    started = kt.trial_train(bench, dataset, reference, random.Random(5).uniform(0.2, 1.5), run.name, steps=16,
+    started = kt.trial_train(bench, dataset, reference, random.Random(5).uniform(0.0, 0.3), run.name, steps=16,
                              when=lambda r: lambda: (r / "checkpoints" / "checkpoint").exists(),
                              before_checks=reference_done)
     assert started.ok, started.detail
@@ -97,7 +99,7 @@ def test_killed_rescore_keeps_rows_and_decisions(bench, exported_model, dataset)
 
 def test_ingest_stopped_while_swapping_keeps_the_previous_dataset_whole(tmp_path, monkeypatch):
     """The moment a clock rarely hits: the new dataset is complete and the previous one is moved aside.
-    Stopped there, the previous dataset is whole (as DATASET.old) and the next run puts things right."""
+    Stopped there, the previous dataset is whole (as DATASET.mmclinic-previous) and the next run puts things right."""
     from pathlib import Path
 
     from mmclinic.data.ingest import IngestOptions, ingest
@@ -121,7 +123,7 @@ def test_ingest_stopped_while_swapping_keeps_the_previous_dataset_whole(tmp_path
         ingest(src, out, "dicom", key, IngestOptions(max_side=64, workers=1))
     monkeypatch.undo()
     assert not out.exists()
-    kt.check_dataset(out.with_name("ds.old"), kt.image_inputs(src), before, final=False)
+    kt.check_dataset(out.with_name("ds.mmclinic-previous"), kt.image_inputs(src), before, final=False)
     ingest(src, out, "dicom", key, IngestOptions(max_side=64, workers=1))
     kt.check_dataset(out, kt.image_inputs(src), before)
-    assert not out.with_name("ds.old").exists()
+    assert not out.with_name("ds.mmclinic-previous").exists()

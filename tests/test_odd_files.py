@@ -384,3 +384,25 @@ def test_file_without_sop_instance_uid_and_without_pixels_is_refused_for_its_pix
     row = q[q["kind"] == "image"].iloc[0]
     assert row["reason_code"] == "no_pixel_data", row.to_dict()
     assert "SOPInstanceUID (0008,0018) is missing" in row["message"] and "PT0" not in row["message"]
+
+
+def test_refused_file_of_a_patient_with_nothing_accepted_leaves_no_identity_in_quarantine(tmp_path):
+    """The only file of a patient, in a folder named after them, refused (no pixel data), with no report:
+    its header's name and ID are still known to ingest and redacted from quarantine.csv."""
+    from mmclinic.data.ingest import IngestOptions, ingest
+
+    src = tmp_path / "src"
+    folder = src / "dicom" / "QUZWYKAB_VEXQELAB_4471902"
+    folder.mkdir(parents=True)
+    ds = _image(real("CT_small.dcm"), "ACCQ1", "4471902", "1.2.3.99")
+    ds.PatientName = "QUZWYKAB^VEXQELAB"
+    del ds.PixelData
+    ds.save_as(folder / "1.dcm", enforce_file_format=True)
+    ok = _image(real("MR_small.dcm"), "ACCQ2", "PTQ2", "1.2.3.98")
+    ok.save_as(src / "dicom" / "other.dcm", enforce_file_format=True)
+    (src / "reports.csv").write_text("patient_id,accession_number,report_text\n"
+                                     "PTQ2,ACCQ2,FINDINGS: clear. IMPRESSION: fine.\n")
+    ingest(src, tmp_path / "ds", "dicom", tmp_path / "key.hex", IngestOptions(max_side=64, workers=1))
+    text = (tmp_path / "ds" / "quarantine.csv").read_text()
+    assert "no_pixel_data" in text and "[REDACTED]" in text
+    assert "4471902" not in text and "quzwykab" not in text.lower() and "vexqelab" not in text.lower()

@@ -156,13 +156,16 @@ def decode_job(job: dict[str, Any], settings: DecodeSettings) -> dict[str, Any]:
         message = str(exc)
         if uid_source not in ("", "SOPInstanceUID"):  # both problems named: the refusal is the image's, not the UID's
             message += "; tag SOPInstanceUID (0008,0018) is missing as well"
-        return {"ok": False, "index": index, "reason": exc.reason_code, "message": message, "pixel_text": scanned}
+        # A refused file's header identities go back too (never into the message): ingest redacts
+        # them from the paths and messages of quarantine.csv.
+        return {"ok": False, "index": index, "reason": exc.reason_code, "message": message, "pixel_text": scanned,
+                "ident": ident}
     except PixelTextError as exc:  # OCR could not run on this file: text cannot be ruled out
-        return {"ok": False, "index": index, "reason": "burned_in_text", "pixel_text": scanned,
+        return {"ok": False, "index": index, "reason": "burned_in_text", "pixel_text": scanned, "ident": ident,
                 "message": f"{path.name}: could not be checked for text in its pixels ({exc}); "
                            f"policy is {settings.burned_in}"}
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one quarantined file
-        return {"ok": False, "index": index, "reason": "corrupt_image",
+        return {"ok": False, "index": index, "reason": "corrupt_image", "ident": ident,
                 "message": f"{path.name}: cannot be read ({type(exc).__name__})"}
 
 

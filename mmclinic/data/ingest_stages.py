@@ -76,6 +76,14 @@ class Workspace:
     """De-identified DICOM copies (``--write-dicom``); ``None`` when not written."""
 
 
+PREVIOUS_SUFFIX = ".mmclinic-previous"
+
+
+def previous_dataset_path(out: Path) -> Path:
+    """Where ingest keeps the previous dataset while it swaps the new one in (``DATASET.mmclinic-previous``)."""
+    return out.with_name(out.name + PREVIOUS_SUFFIX)
+
+
 def open_workspace(out: Path, write_dicom: bool) -> Workspace:
     """A clean ``DATASET.partial`` beside ``out``: an interrupted run leaves the previous dataset
     intact, and a re-run starts clean (no duplicates, nothing lost)."""
@@ -224,14 +232,14 @@ def pair_images(scan: Scan, results: Iterable[dict[str, Any]], unpaired: str = "
     known.add(job.patient_id for job in scan.images)  # mimic-cxr's pXXXXXXXX folders, a CSV's patient column
     for job, res in in_input_order(scan.images, results):
         pixel_text.update(res.get("pixel_text") or {})
+        ident = res.get("ident") or {}  # a refused file's too: its identities are redacted from quarantine.csv
+        known.add((v for k, v in ident.items() if k not in NAME_TAGS), (ident.get(k, "") for k in NAME_TAGS))
         if not res["ok"]:
             decode_failures += 1
             quarantine.append(_refusal(job.rel, res["reason"], res["message"], "image"))
             if job.report_key is not None:
                 failed_reports.add(job.report_key)
             continue
-        ident = res["ident"]
-        known.add((v for k, v in ident.items() if k not in NAME_TAGS), (ident.get(k, "") for k in NAME_TAGS))
         if job.report_key is not None:
             row = scan.reports.get(job.report_key)
         else:
@@ -588,8 +596,9 @@ def write_dataset(ws: Workspace, out: Path, scan: Scan, pairing: Pairing, report
                                                   "text": model_text_mod.TextConfig(scan.text_policy).to_dict()},
                                                  indent=2) + "\n")
     # The previous dataset is moved aside whole, never deleted in place: a run killed here leaves it
-    # complete (as DATASET or DATASET.old), and the next run removes what is left of it.
-    old = out.with_name(out.name + ".old")
+    # complete (as DATASET or DATASET.mmclinic-previous), and the next run removes what is left of it.
+    # The name is one only this code makes, so that a user's own DATASET.old is never touched.
+    old = previous_dataset_path(out)
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)

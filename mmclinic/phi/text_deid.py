@@ -284,7 +284,11 @@ def deidentify_text(text: str, known: Iterable[str] = (), audit: collections.Cou
     return text
 
 
-_TOKEN = re.compile(r"[A-Za-z0-9]+")
+_TOKEN = re.compile(r"[^\W_]+")  # runs of letters and digits, in any script
+_PLACEHOLDERS = frozenset({"unknown", "anonymous", "anonymized", "anonymised", "anon", "none", "null", "patient",
+                           "name", "test", "tech", "removed", "redacted", "deidentified"})
+"""Values anonymising exports put in identifying tags: not identities (redacting them would cut
+ordinary words out of paths and messages)."""
 
 
 class KnownIdentities:
@@ -308,17 +312,35 @@ class KnownIdentities:
             self._index.setdefault(tokens[0], set()).add(tokens)
 
     def add(self, values: Iterable[str], names: Iterable[str] = ()) -> None:
-        """``values``: whole identifiers (IDs, accession numbers, addresses); ``names``: person names."""
+        """``values``: whole identifiers (IDs, accession numbers, addresses); ``names``: person names.
+
+        Each is also kept with its punctuation dropped (``MRN-004512`` as ``mrn004512``,
+        ``O'BRIEN`` as ``obrien``), and an identifier's runs of six digits or more alone (``004512``
+        of ``MRN-004512``), as paths spell them. Placeholders (``UNKNOWN``, ``ANONYMOUS``) are not
+        identities."""
         for v in values:
             tokens = tuple(t.lower() for t in _TOKEN.findall(v or ""))
             joined = "".join(tokens)
+            if joined in _PLACEHOLDERS:
+                continue
             if len(joined) >= (6 if joined.isdigit() else 4):  # short numbers are also counters, sizes, lines
                 self._add_tokens(tokens)
+                if len(tokens) > 1:
+                    self._add_tokens((joined,))
+            for run in re.findall(r"\d{6,}", joined):
+                self._add_tokens((run,))
         for n in names:
-            self._add_tokens(tuple(t.lower() for t in _TOKEN.findall(n or "")) if len(n or "") >= 3 else ())
+            tokens = tuple(t.lower() for t in _TOKEN.findall(n or ""))
+            if len(n or "") >= 3 and "".join(tokens) not in _PLACEHOLDERS:
+                self._add_tokens(tokens)
+                if len(tokens) > 1:
+                    self._add_tokens(("".join(tokens),))  # SMITHJOHN
             for piece in re.split(r"[\^\s,]+", n or ""):
-                if len(piece) >= 3 and not piece.isdigit():
-                    self._add_tokens(tuple(t.lower() for t in _TOKEN.findall(piece)))
+                tokens = tuple(t.lower() for t in _TOKEN.findall(piece))
+                if len(piece) >= 3 and not piece.isdigit() and "".join(tokens) not in _PLACEHOLDERS:
+                    self._add_tokens(tokens)
+                    if len(tokens) > 1:
+                        self._add_tokens(("".join(tokens),))  # O'BRIEN as obrien
 
     def redact(self, text: str) -> str:
         """``text`` with every known identity replaced by ``[REDACTED]``."""
