@@ -41,13 +41,15 @@ def test_apply_reviews():
         "i5": {"status": "confirmed_match", "report_key": "r2", "scoring_run_ids": ["s2"]}})
     out = apply_reviews(tables, reviews, ["i1", "i2", "i3", "i4", "i5"], ["r1", "r2", "r3", "r2", "r2"],
                         {"r1": "T1", "r2": "T2", "r3": "T3"})
-    assert out.by_image == {REVIEWED_KIND: (("i1",), ("T1",)), REVIEWED_MATCH_KIND: (("i2", "i5"), ("T1", "T2"))}
+    # i2's verified pair is (i2, r1), not its current pair (i2, r2): no hard positive (the step would
+    # weigh the current pair); i5 was verified with its own report r2.
+    assert out.by_image == {REVIEWED_KIND: (("i1",), ("T1",)), REVIEWED_MATCH_KIND: (("i5",), ("T2",))}
     # i2 (report r2) was verified with r1: r2's generated negatives drawn from r1, or equal to T1 after
     # normalisation, are gone; i5's verified pair is r2 itself: no generated negative equals it
     assert out.texts["other_patient_same_findings"] == ("t2", "", "") and out.texts["negation"] == ("n1", "no T2", "n3")
     rc = out.review_counts
     assert (rc["confirmed_mismatch"], rc["confirmed_match"], rc["dismissed"], rc["outside_train"],
-            rc["generated_negatives_removed"], rc["contrastive_excluded"], rc["hard_positives"]) == (1, 2, 1, 2, 1, 1, 2)
+            rc["generated_negatives_removed"], rc["contrastive_excluded"], rc["hard_positives"]) == (1, 2, 1, 2, 1, 1, 1)
     assert rc["scoring_run_ids"] == ["s1", "s2"]
     assert rc["by_scoring_run"] == {"none": {"dismissed": 1, "outside_train": 2},
                                     "s1": {"confirmed_mismatch": 1, "confirmed_match": 1},

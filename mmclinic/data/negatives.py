@@ -213,7 +213,8 @@ def apply_reviews(tables: NegativeTables, reviews: Reviews, images: Sequence[str
     - **confirmed match** of an image X with a report R: the model's flag was a false alarm, and
       (X, R) is a *verified true pair*. (1) It is a hard positive: X's true pair weighs the
       ``reviewed`` kind's weight more in the match loss (the ``reviewed_match`` table marks it),
-      when ``use_mismatches``. (2) It is never a negative: a generated negative of X's report
+      when ``use_mismatches`` and R is X's report in the dataset (the pair the step weighs is the one
+      the reviewer saw). (2) It is never a negative: a generated negative of X's report
       drawn from R, or equal to R after :func:`mmclinic.text.corruptions.normalize_report`, is
       removed (``generated_negatives_removed``); in the batch, texts equal to X's report after
       normalisation are never X's negatives (the contrastive masks; the ``other_patient`` kind
@@ -252,7 +253,7 @@ def apply_reviews(tables: NegativeTables, reviews: Reviews, images: Sequence[str
             neg_texts.append(str(report_texts.get(report, "") or ""))
             counts["contrastive_excluded"] += 1
         elif d["status"] == "confirmed_match":
-            if use_mismatches:
+            if use_mismatches and key == report:  # only the pair the reviewer saw is a verified true pair
                 match_ids.append(pair_id)
                 match_texts.append(str(report_texts.get(key, "") or "") or pair_id)
                 counts["hard_positives"] += 1
@@ -267,7 +268,7 @@ def apply_reviews(tables: NegativeTables, reviews: Reviews, images: Sequence[str
                         counts["generated_negatives_removed"] += 1
     counts["by_scoring_run"] = {k: by_run[k] for k in sorted(by_run)}
     counts["scoring_run_ids"] = reviews.scoring_run_ids
-    counts["source"] = reviews.source
+    counts["source"] = _without_password(reviews.source)
     counts["sha256"] = reviews.sha256
     by_image = dict(tables.by_image)
     if use_mismatches:
@@ -275,3 +276,15 @@ def apply_reviews(tables: NegativeTables, reviews: Reviews, images: Sequence[str
         by_image[REVIEWED_KIND] = (tuple(neg_ids), tuple(neg_texts)) if neg_ids else (("",), ("",))
         by_image[REVIEWED_MATCH_KIND] = (tuple(match_ids), tuple(match_texts)) if match_ids else (("",), ("",))
     return replace(tables, texts={k: tuple(v) for k, v in texts.items()}, by_image=by_image, review_counts=counts)
+
+
+def _without_password(source: str) -> str:
+    """A decisions source as recorded with the run: a database URL without its password."""
+    if "://" not in str(source):
+        return str(source)
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(str(source)).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: keep only its scheme
+        return str(source).split("://", 1)[0] + "://..."

@@ -366,12 +366,13 @@ def _settle_extras(setup: RunSetup, step: TrainStep, tokenizer, negatives) -> No
     from mmclinic.training.lit import attach_caches
 
     tc, run = setup.config.train, RunDir(setup.own_dir)
-    if setup.resuming:
-        # A run recorded before the cap was: it was trained with the fixed default cap.
-        recorded = run.info().get("logit_scale_cap")
-        step.logit_scale_cap = float(recorded if recorded is not None else
-                                     tc.max_logit_scale if tc.max_logit_scale is not None else DEFAULT_MAX_LOGIT_SCALE)
-    else:
+    recorded = run.info().get("logit_scale_cap") if setup.resuming else None
+    if recorded is not None:
+        step.logit_scale_cap = float(recorded)
+    elif setup.resuming and run.latest_checkpoint() is not None:
+        # A run checkpointed before the cap was recorded: it was trained with the fixed default cap.
+        step.logit_scale_cap = float(tc.max_logit_scale if tc.max_logit_scale is not None else DEFAULT_MAX_LOGIT_SCALE)
+    else:  # a new run, or one stopped before its first checkpoint (it starts over from the same weights)
         run.update_info(logit_scale_cap=step.logit_scale_cap)
     record = {"train.logit_scale_cap": round(step.logit_scale_cap, 6)}
     cache_dir = Path(tc.embedding_cache_dir) if tc.embedding_cache_dir else setup.own_dir / "embedding_cache"
