@@ -45,7 +45,10 @@ FROM tensorflow/serving:2.21.0 AS serve
 ARG MODEL_BASE=demo_run/models
 COPY ${MODEL_BASE} /models
 EXPOSE 8500 8501
+# models.config names the stable/canary labels: without the last flag TensorFlow Serving refuses a
+# label on a version it has not loaded yet, at start-up and on every config reload.
 ENTRYPOINT ["tensorflow_model_server", "--port=8500", "--rest_api_port=8501", \
             "--model_config_file=/models/models.config", "--model_config_file_poll_wait_seconds=60", \
             "--enable_batching", "--batching_parameters_file=/models/batching_parameters.txt", \
-            "--monitoring_config_file=/models/monitoring.config"]
+            "--monitoring_config_file=/models/monitoring.config", \
+            "--allow_version_labels_for_unavailable_models=true"]

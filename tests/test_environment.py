@@ -25,6 +25,8 @@ def test_makefile_dockerfile_and_conda_use_the_same_lock():
     assert "COPY requirements.lock" in docker
     assert "pip install --require-hashes --no-deps -r requirements.lock" in docker
     assert "AS train" in docker and "AS serve" in docker and "FROM tensorflow/serving" in docker
+    # models.config labels versions: TensorFlow Serving needs this flag to accept a label on a version it is loading.
+    assert '"--allow_version_labels_for_unavailable_models=true"' in docker
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
     assert "-r requirements.lock" in pip_section and "--require-hashes" in pip_section

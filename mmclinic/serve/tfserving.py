@@ -25,7 +25,12 @@ The container runs, e.g.::
 
     tensorflow_model_server --rest_api_port=8501 --model_config_file=/models/models.config \\
         --enable_batching --batching_parameters_file=/models/batching_parameters.txt \\
-        --monitoring_config_file=/models/monitoring.config --model_config_file_poll_wait_seconds=60
+        --monitoring_config_file=/models/monitoring.config --model_config_file_poll_wait_seconds=60 \\
+        --allow_version_labels_for_unavailable_models=true
+
+The last flag matters: ``models.config`` labels versions (``stable``, ``canary``), and without it
+TensorFlow Serving refuses a label on a version it has not finished loading, at start-up and on a
+config reload after an export.
 """
 
 from __future__ import annotations
