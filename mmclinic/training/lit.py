@@ -52,9 +52,14 @@ def backbone_fingerprint(backbone: Any) -> str:
 
 def cache_key(role: str, fingerprint: str, preprocessing: dict[str, Any], dataset_version: str,
               items_digest: str) -> str:
-    """The cache key (64 hex digits) of a locked tower's features; see the module."""
+    """The cache key (64 hex digits) of a locked tower's features; see the module. The precision in
+    force (``train.precision``'s Keras dtype policy) is part of it: features computed in float32 are
+    not those of a bfloat16 tower."""
+    import keras
+
     blob = json.dumps({"format": CACHE_FORMAT, "role": role, "weights": fingerprint, "preprocessing": preprocessing,
-                       "dataset_version": dataset_version, "items": items_digest}, sort_keys=True)
+                       "dataset_version": dataset_version, "items": items_digest,
+                       "precision": keras.config.dtype_policy().name}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
