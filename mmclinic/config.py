@@ -234,6 +234,10 @@ class EvalConfig:
                                   f"each containing {field}")
 
 
+TFLITE_MODES = ("float16", "int8")
+"""The TFLite image towers export can write (``export.tflite``, ``mmclinic export --tflite``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """Vetting gates a run must pass before it may be exported."""
@@ -257,9 +261,9 @@ class ExportConfig:
     """Resamples of the paired patient bootstrap that gives each difference its interval."""
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.tflite if m not in ("float16", "int8")]
+        bad = [m for m in self.tflite if m not in TFLITE_MODES]
         if bad or len(set(self.tflite)) != len(self.tflite):
-            raise ConfigError(f"config key 'export.tflite' must list distinct modes among float16, int8; got "
+            raise ConfigError(f"config key 'export.tflite' must list distinct modes among {', '.join(TFLITE_MODES)}; got "
                               f"{list(self.tflite)}")
 
 

@@ -194,9 +194,11 @@ def export(run: str | Path, model_base: str | Path, name: str | None = None,
     from mmclinic.eval.scorers import RunScorer, load_run_model, run_text_config
     from mmclinic.phi.guard import DEFAULT_GUARD
 
-    bad = [m for m in tflite or () if m not in ("float16", "int8")]
+    from mmclinic.config import TFLITE_MODES
+
+    bad = [m for m in tflite or () if m not in TFLITE_MODES]
     if bad:
-        raise UsageError(f"--tflite: unknown mode(s) {', '.join(bad)} (allowed: float16, int8)")
+        raise UsageError(f"--tflite: unknown mode(s) {', '.join(bad)} (allowed: {', '.join(TFLITE_MODES)})")
     run_dir, model_base = RunDir.open(run, "RUN"), Path(model_base)
     model, tokenizer, config = load_run_model(run_dir)
     tflite = tuple(config.export.tflite if tflite is None else tflite)

@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from mmclinic.artifacts import DatasetDir, ExportedModel, RunDir
-
-MODES = ("float16", "int8")
+from mmclinic.config import TFLITE_MODES as MODES
 
 
 def _decode(png: list[bytes], size: int) -> np.ndarray:
